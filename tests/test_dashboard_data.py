@@ -163,15 +163,17 @@ def test_combine_keeps_runs_apart(tmp_path):
 
 
 def test_dashboard_never_imports_torch_or_the_training_side():
-    """The app, run in bare mode in a fresh interpreter, loads monitor.schema and nothing
-    else of the monitor, and no torch (SPEC 5; STYLE principle 3)."""
+    """The app, run in bare mode in a fresh interpreter, loads monitor.schema (the contract)
+    and monitor.pss.detect (the stdlib-only detection rule its what-if preview replays, so
+    preview and job apply one rule) and nothing else of the monitor, and no torch (SPEC 5;
+    STYLE principle 3)."""
     import subprocess
     import sys
 
     code = ("import runpy, sys; sys.argv = ['app', '--logdir', '/nonexistent'];"
             "runpy.run_path('dashboard/app.py', run_name='__main__');"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or "
-            "(m.startswith('monitor.') and m != 'monitor.schema'));"
+            "(m.startswith('monitor.') and m not in ('monitor.schema', 'monitor.pss', 'monitor.pss.detect')));"
             "print('BAD', bad)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
