@@ -7,8 +7,9 @@ The paper (SPEC 3) claims PSS allows a 5-10x larger learning rate without loss e
 on BERT and GPT-2. Here, at a scale one CPU thread can run:
 
 1. LR sweep. The demo GPT (``demos/model.py``) in a small configuration, AdamW, a geometric
-   LR grid, seeds 0, 1, 2, five arms: no intervention, gradient clipping (norm 1.0), PSS
-   (defaults), PSS with ``k_min=2``, PSS with ``reset_optimizer_state``. Every arm runs
+   LR grid, seeds 0, 1, 2, six arms: no intervention, gradient clipping (norm 1.0), PSS
+   (defaults), PSS with ``k_min=2``, PSS with ``reset_optimizer_state``, PSS with its
+   detection armed when the LR warm-up ends (``warmup_steps=30``). Every arm runs
    under ``monitor.watch`` (monitoring alone for the first two), with the same data order
    and initialisation per seed. A run *diverges* when a loss is non-finite or its final
    loss (mean of the last 20 training losses) exceeds its initial loss (the step-0 loss).
@@ -52,6 +53,8 @@ ARMS: dict[str, tuple[float, PSSConfig | None]] = {
     "pss": (0.0, PSSConfig()),
     "pss k_min=2": (0.0, PSSConfig(k_min=2)),
     "pss reset": (0.0, PSSConfig(reset_optimizer_state=True)),
+    # detection armed when the LR warm-up ends (the default waits 100 steps)
+    "pss warm-up 30": (0.0, PSSConfig(warmup_steps=30)),
 }
 
 
@@ -173,8 +176,10 @@ def sweep_report(runs: dict, setup: Setup, lrs, seeds, arms) -> tuple[str, dict]
     for lr in lrs:
         row = [f"{lr:.4g}"]
         for arm in arms:
-            peaks = [max(r.losses[setup.warmup:] or r.losses) for r in (runs[arm, lr, s] for s in seeds)]
-            row.append(f"{statistics.median(peaks):.3g}")
+            group = [runs[arm, lr, s].losses for s in seeds]
+            peaks = [max(losses[setup.warmup:] or losses) for losses in group]
+            at = [losses.index(p) for losses, p in zip(group, peaks)]
+            row.append(f"{statistics.median(peaks):.3g} (step {int(statistics.median(at))})")
         peak_rows.append(row)
     peak_table = md_table(["LR"] + list(arms), peak_rows)
     pss_arms = [a for a in arms if ARMS[a][1] is not None]
@@ -207,14 +212,15 @@ def sweep_report(runs: dict, setup: Setup, lrs, seeds, arms) -> tuple[str, dict]
             f"and batch order, shared by all arms). LR grid: {', '.join(f'{lr:.4g}' for lr in lrs)}.\n\n"
             f"Arms: `none` (monitoring only), `clip` (`clip_grad_norm_(…, 1.0)`), `pss` "
             f"(`PSSConfig()`: tau 2.5, alpha 0.1, warm-up 100 steps, conv smoothing of every "
-            f"non-embedding matrix), `pss k_min=2`, `pss reset` (`reset_optimizer_state=True`).\n\n"
+            f"non-embedding matrix), `pss k_min=2`, `pss reset` (`reset_optimizer_state=True`), "
+            f"`pss warm-up 30` (`warmup_steps=30`: detection armed when the LR warm-up ends).\n\n"
             f"**Divergence**: a non-finite loss, or final loss (mean of the last {FINAL_WINDOW} "
             f"training losses) greater than the initial loss (the step-0 training loss, "
             f"about ln 128 = 4.85).\n\n"
             "### Largest stable learning rate\n\n" + summary +
             "\n### Final loss per learning rate (mean ± sd over seeds; **div n/3**: diverged seeds)\n\n"
             + final_table +
-            "\n### Peak training loss after the LR warm-up (median over seeds)\n\n"
+            "\n### Peak training loss after the LR warm-up (median over seeds; median step of the peak)\n\n"
             "A transient blow-up that the run later recovers from shows here, not in the final loss.\n\n"
             + peak_table +
             "\n### Share of steps at which PSS smoothed (all seeds; interventions in brackets)\n\n"
@@ -333,14 +339,16 @@ def intervention_cost(setup: Setup, data: torch.Tensor, reps: int) -> str:
                 if i >= 2:
                     step_times.append(mid - start)
                     smooth_times.append(end - mid)
-            layers = sum(1 for k in result.scalars if k.startswith("pss_k/"))
+            ks = [v for k, v in result.scalars.items() if k.startswith("pss_k/")]
         step, smooth = statistics.median(step_times), statistics.median(smooth_times)
-        rows.append([label, str(layers), f"{1000 * step:.1f} ms", f"{1000 * smooth:.1f} ms",
+        rows.append([label, f"{len(ks)} (mean k {statistics.mean(ks):.0f})", f"{1000 * step:.1f} ms", f"{1000 * smooth:.1f} ms",
                      f"**{smooth / step:.2f}**", f"{(step + smooth) / step:.2f}x"])
     return (f"Median of {reps} interleaved repetitions. A plain step is forward + backward + "
             "AdamW step. An intervention is `PSSController.before_step` with a non-finite "
             "gradient norm, which always triggers: the real code path, smoothing every "
-            "selected matrix (conv, k = max(1, floor(SR)), randomized/exact top-k SVD).\n\n"
+            "selected matrix (conv, k = max(1, floor(SR)), randomized/exact top-k SVD) of a "
+            "freshly initialised model, whose stable ranks (so k) are higher than a trained "
+            "model's: an upper end of the cost.\n\n"
             + md_table(["model", "matrices smoothed", "plain step", "one intervention",
                         "intervention in step equivalents", "step with an intervention / plain step"],
                        rows)
@@ -397,7 +405,7 @@ def main() -> None:
         at, cost_reps, block, blocks = 40, 3, 10, 2
     else:
         setup, lrs, seeds = Setup(), LRS, SEEDS
-        at, cost_reps, block, blocks = 150, 15, 50, 6
+        at, cost_reps, block, blocks = 150, 15, 50, 10
     sections = []
     text, headline = sweep_report(sweep(setup, data, lrs, seeds, ARMS), setup, lrs, seeds, list(ARMS))
     sections.append("## 1. Learning-rate sweep\n\n" + text)
