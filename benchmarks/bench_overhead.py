@@ -215,8 +215,7 @@ def main() -> None:
     sections.append("## Event-write throughput\n\n" + write_throughput(
         20 if args.quick else 200, 1000))
     if not torch.cuda.is_available():
-        sections.append("## GPU\n\nNo GPU on this machine; see the GPU section of the README "
-                        "for when one was available.")
+        sections.append("## GPU\n\nNo GPU on this machine: the GPU table has not been measured here.")
     write_results(args.out, "Monitor overhead benchmark", "\n".join(sections))
 
 
