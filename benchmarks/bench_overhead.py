@@ -8,11 +8,14 @@
 2. The cost of one logging step in training-step equivalents, per metric.
 3. Power-iteration sigma_max / stable rank against a full SVD (time ratio, error).
 4. Event-write throughput against torch's SummaryWriter.add_scalar.
+5. Where CUDA is available, 1 and 2 again on the GPU for a GPT-2-small-sized model
+   (12 layers, d=768, context 1024, batch 8; byte vocabulary), or alone with ``--gpu-only``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -23,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import monitor  # noqa: E402
-from benchmarks.common import best_time as timed, md_table, write_results  # noqa: E402
+from benchmarks.common import best_time, md_table, write_results  # noqa: E402
 from demos.data import encode, get_batch, stdlib_text  # noqa: E402
 from demos.model import GPT, GPTConfig  # noqa: E402
 from monitor.config import MonitorConfig  # noqa: E402
@@ -34,14 +37,45 @@ from monitor.writer import EventWriter  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "overhead.md")
 
 
-def demo_setup(seed: int = 0, batch: int = 16, block: int = 128):
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The model being trained and where."""
+    name: str
+    cfg: GPTConfig
+    batch: int
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        c = self.cfg
+        return (f"{self.name} ({c.n_layer} layers, d={c.n_embd}, {c.n_head} heads, context "
+                f"{c.block_size}, batch {self.batch}, byte vocabulary, on {self.device}")
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def batches(self, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        data = encode(stdlib_text())
+        gen = torch.Generator().manual_seed(seed)
+        return [tuple(t.to(self.device) for t in get_batch(data, self.batch, self.cfg.block_size, gen))
+                for _ in range(n)]
+
+
+DEMO = Setup("Demo transformer", GPTConfig(block_size=128), 16)
+GPT2_SMALL = Setup("GPT-2-small-sized transformer",
+                   GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768), 8, "cuda")
+
+
+def demo_setup(setup: Setup = DEMO, seed: int = 0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block))
+    model = GPT(setup.cfg).to(setup.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     return model, opt
 
 
-def train_block(model, opt, batches, mon=None) -> float:
+def train_block(model, opt, batches, mon=None, setup: Setup = DEMO) -> float:
+    setup.sync()
     start = time.perf_counter()
     for x, y in batches:
         _, loss = model(x, y)
@@ -50,24 +84,23 @@ def train_block(model, opt, batches, mon=None) -> float:
         opt.zero_grad(set_to_none=True)
         if mon is not None:
             mon.log(loss=loss)
+    setup.sync()
     return time.perf_counter() - start
 
 
-def overhead(steps_per_block: int, reps: int, every: int) -> tuple[str, float]:
-    data = encode(stdlib_text())
-    gen = torch.Generator().manual_seed(0)
-    batches = [get_batch(data, 16, 128, gen) for _ in range(steps_per_block)]
-    bare_model, bare_opt = demo_setup()
-    mon_model, mon_opt = demo_setup()
+def overhead(steps_per_block: int, reps: int, every: int, setup: Setup = DEMO) -> tuple[str, float]:
+    batches = setup.batches(steps_per_block, 0)
+    bare_model, bare_opt = demo_setup(setup)
+    mon_model, mon_opt = demo_setup(setup)
     logdir = tempfile.mkdtemp(prefix="bench-overhead-")
     mon = monitor.watch(mon_model, mon_opt, logdir, config=MonitorConfig.preset("full", every=every))
-    train_block(bare_model, bare_opt, batches[:3])  # warm-up both
-    train_block(mon_model, mon_opt, batches[:3], mon)
+    train_block(bare_model, bare_opt, batches[:3], setup=setup)  # warm-up both
+    train_block(mon_model, mon_opt, batches[:3], mon, setup)
     bare, monitored = [], []
     for rep in range(reps):  # interleave, alternating which goes first
         pair = [(bare, bare_model, bare_opt, None), (monitored, mon_model, mon_opt, mon)]
         for out, model, opt, m in (pair if rep % 2 == 0 else pair[::-1]):
-            out.append(train_block(model, opt, batches, m))
+            out.append(train_block(model, opt, batches, m, setup))
     mon.close()
     ratio = sum(monitored) / sum(bare)
     per_block = sorted(m / b for m, b in zip(monitored, bare))
@@ -75,7 +108,7 @@ def overhead(steps_per_block: int, reps: int, every: int) -> tuple[str, float]:
     q = max(1, reps // 4)
     quiet = sum(sorted(monitored)[:q]) / sum(sorted(bare)[:q])
     step_ms = 1000 * sum(bare) / (reps * steps_per_block)
-    text = (f"Demo transformer (4 layers, d=128, context 128, batch 16, {sum(p.numel() for p in bare_model.parameters()):,} "
+    text = (f"{setup.label}, {sum(p.numel() for p in bare_model.parameters()):,} "
             f"parameters), AdamW, `every={every}`, preset `full` (all metrics at every logged step), "
             f"{reps} interleaved pairs of blocks of {steps_per_block} steps (each block holds "
             f"{steps_per_block // every} logged step(s)), alternating which arm goes first.\n\n"
@@ -90,12 +123,10 @@ def overhead(steps_per_block: int, reps: int, every: int) -> tuple[str, float]:
     return text, step_ms
 
 
-def per_metric_cost(step_ms: float) -> str:
+def per_metric_cost(step_ms: float, setup: Setup = DEMO) -> str:
     """One logging step's cost per metric family, in training-step equivalents."""
-    model, opt = demo_setup()
-    data = encode(stdlib_text())
-    gen = torch.Generator().manual_seed(1)
-    x, y = get_batch(data, 16, 128, gen)
+    model, opt = demo_setup(setup)
+    [(x, y)] = setup.batches(1, 1)
     kinds = views.layer_kinds(model)
     named = [(n, p) for n, p in model.named_parameters()]
     mats = [(n, views.matrix_view(p.detach(), kinds[n])) for n, p in named if p.ndim >= 2]
@@ -108,6 +139,13 @@ def per_metric_cost(step_ms: float) -> str:
     grads = {n: views.matrix_view(p.grad, kinds[n]) for n, p in named if p.ndim >= 2}
     warm = {n: spectral.power_sigma_max(M).v for n, M in mats}
     rows = []
+
+    def timed(fn, repeat: int = 3) -> float:
+        def synced():
+            fn()
+            setup.sync()
+        synced()  # first call outside the timing (CUDA kernels, allocator)
+        return best_time(synced, repeat)
 
     def add(label, seconds):
         rows.append([label, f"{1000 * seconds:.1f} ms", f"{1000 * seconds / step_ms:.3f}"])
@@ -140,7 +178,7 @@ def per_metric_cost(step_ms: float) -> str:
     scalars = {f"m{i}/layer{j}": 1.0 for i in range(9) for j in range(len(named))}
     with tempfile.TemporaryDirectory() as d, EventWriter(d) as w:
         add(f"writing one event ({len(scalars)} scalars) + flush", timed(lambda: w.write(0, scalars)))
-    return ("Each metric over all tensors of the demo transformer, best of 3, divided by the mean "
+    return (f"Each metric over all tensors of the model above ({setup.device}), best of 3, divided by the mean "
             f"bare training step ({step_ms:.1f} ms).\n\n"
             + md_table(["metric", "time", "training-step equivalents"], rows))
 
@@ -153,14 +191,14 @@ def power_vs_svd(sizes: list[int]) -> str:
         V, _ = torch.linalg.qr(torch.randn(n, n))
         s = 1.0 / torch.arange(1, n + 1).float() ** 0.5  # slowly decaying spectrum
         M = (U * s) @ V.T
-        t_svd = timed(lambda: torch.linalg.svdvals(M), repeat=1)
+        t_svd = best_time(lambda: torch.linalg.svdvals(M), repeat=1)
         ref = torch.linalg.svdvals(M.double())
         sr_ref = (ref.pow(2).sum() / ref[0] ** 2).item()
         cold = spectral.power_sigma_max(M, max_iters=100, tol=1e-4)
-        t_cold = timed(lambda: spectral.power_sigma_max(M, max_iters=100, tol=1e-4))
+        t_cold = best_time(lambda: spectral.power_sigma_max(M, max_iters=100, tol=1e-4))
         M2 = M + 1e-3 * torch.randn(n, n) / n ** 0.5  # one training step later
         warm = spectral.power_sigma_max(M2, cold.v, max_iters=100, tol=1e-4)
-        t_warm = timed(lambda: spectral.power_sigma_max(M2, cold.v, max_iters=100, tol=1e-4))
+        t_warm = best_time(lambda: spectral.power_sigma_max(M2, cold.v, max_iters=100, tol=1e-4))
         sr = spectral.stable_rank(M, cold.sigma)
         rows.append([f"{n}x{n}", f"{1000 * t_svd:.1f}", f"{1000 * t_cold:.2f} ({cold.iters} it)",
                      f"{1000 * t_warm:.2f} ({warm.iters} it)", f"{t_svd / t_warm:.0f}x",
@@ -203,20 +241,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the GPU section (needs CUDA); writes results/overhead_gpu.md by default")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    steps, reps = (args.every, 2) if args.quick else (args.every, 16)
+    reps = 2 if args.quick else 16
     sections = []
-    text, step_ms = overhead(steps, reps, args.every)
-    sections.append("## Monitored vs bare training\n\n" + text)
-    sections.append("## One logging step, per metric\n\n" + per_metric_cost(step_ms))
-    sizes = [256, 512] if args.quick else [256, 1024, 2048, 4096]
-    sections.append("## Power iteration vs full SVD\n\n" + power_vs_svd(sizes))
-    sections.append("## Event-write throughput\n\n" + write_throughput(
-        20 if args.quick else 200, 1000))
-    if not torch.cuda.is_available():
-        sections.append("## GPU\n\nNo GPU on this machine: the GPU table has not been measured here.")
-    write_results(args.out, "Monitor overhead benchmark", "\n".join(sections))
+    if args.gpu_only and not torch.cuda.is_available():
+        parser.error("--gpu-only needs CUDA, and torch.cuda.is_available() is False")
+    if not args.gpu_only:
+        text, step_ms = overhead(args.every, reps, args.every)
+        sections.append("## Monitored vs bare training\n\n" + text)
+        sections.append("## One logging step, per metric\n\n" + per_metric_cost(step_ms))
+        sizes = [256, 512] if args.quick else [256, 1024, 2048, 4096]
+        sections.append("## Power iteration vs full SVD\n\n" + power_vs_svd(sizes))
+        sections.append("## Event-write throughput\n\n" + write_throughput(
+            20 if args.quick else 200, 1000))
+    if torch.cuda.is_available():
+        gpu = GPT2_SMALL
+        if args.quick:
+            gpu = dataclasses.replace(gpu, cfg=dataclasses.replace(gpu.cfg, n_layer=2, block_size=256))
+        text, step_ms = overhead(args.every, 4 if args.quick else 8, args.every, gpu)
+        sections.append(f"## GPU: monitored vs bare training ({torch.cuda.get_device_name(0)})\n\n" + text)
+        sections.append("## GPU: one logging step, per metric\n\n" + per_metric_cost(step_ms, gpu))
+    else:
+        sections.append("## GPU\n\nNo GPU on this machine: the GPU table has not been measured here "
+                        "(`--gpu-only` runs it on a CUDA machine).")
+    out = args.out or (RESULTS.replace("overhead.md", "overhead_gpu.md") if args.gpu_only else RESULTS)
+    write_results(out, "Monitor overhead benchmark", "\n".join(sections))
 
 
 if __name__ == "__main__":
