@@ -17,6 +17,11 @@ import torch
 
 from monitor.metrics.spectral import power_sigma_max, stable_rank, top_k_svd
 
+#: power iterations of the randomized top-k SVD (matrices with min(m, n) > 512 only). On a
+#: 600 x 700 matrix with spectrum logspace(0, -3) (k = 43, a 1.2% gap after sigma_k) the SJE
+#: error against a full SVD is 3e-3 with 2, 2.4e-4 with 4, 1.5e-5 with 6, 1.2e-6 with 8.
+SJE_NITER = 6
+
 
 def sje_k(sr: float, k_max: int, rank_bound: int) -> int:
     """The cutoff ``min(max(1, floor(SR)), k_max, min(m, n))``."""
@@ -49,7 +54,7 @@ def sje(M: torch.Tensor, G: torch.Tensor, *, k_max: int = 64,
     if sigma is None:
         sigma = power_sigma_max(M).sigma
     k = sje_k(stable_rank(M, sigma), k_max, min(M.shape))
-    U, _, V = top_k_svd(M, k)
+    U, _, V = top_k_svd(M, k, niter=SJE_NITER)
     projected = U.t() @ G @ V  # (k, k)
     value = float(projected.pow(2).sum().item()) / g2
     return min(value, 1.0), k
