@@ -7,7 +7,9 @@
 - ``SJE sustained``: SJE above ``sje_threshold`` (0.8, the paper's warning level) for at
   least ``sje_steps`` consecutive logged steps;
 - ``non-finite``: non-finite gradient or weight entries counted by the hook, and NaN or
-  infinite metric values.
+  infinite metric values;
+- ``monitor overhead``: the monitor's own share of wall time (``monitor/overhead``), median
+  over the logged steps after the first, above ``overhead_limit`` (10%).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ ALERT_COLUMNS = ("run", "kind", "layer", "step", "detail")
 
 
 def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int = 20,
-                sr_floor: float = 1.5, sje_threshold: float = 0.8, sje_steps: int = 3
-                ) -> pd.DataFrame:
+                sr_floor: float = 1.5, sje_threshold: float = 0.8, sje_steps: int = 3,
+                overhead_limit: float = 0.1) -> pd.DataFrame:
     """One row per alert (first step it happened), sorted by step."""
     rows: list[tuple] = []
     if len(table):
@@ -34,6 +36,7 @@ def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int
                 else:
                     rows.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
         rows.extend(_nonfinite(table))
+        rows.extend(_overhead(table, overhead_limit))
     frame = pd.DataFrame(rows, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
@@ -95,6 +98,22 @@ def _nonfinite(table: pd.DataFrame) -> list[tuple]:
                     f"{first['value']:.0f} non-finite {what} entries; {len(rows)} logged steps "
                     "with any"))
     out.extend(_nonfinite_values(table))
+    return out
+
+
+def _overhead(table: pd.DataFrame, limit: float) -> list[tuple]:
+    out = []
+    rows = table[table["metric"] == schema.TAG_MONITOR_OVERHEAD]
+    for run, group in rows.groupby("run", observed=True):
+        group = group.sort_values("step", kind="stable").iloc[1:]  # the first holds cold starts
+        values = group["value"].to_numpy()
+        if not len(values) or not np.nanmedian(values) > limit:
+            continue
+        first = int(group["step"].to_numpy()[np.argmax(values > limit)])
+        out.append((run, "monitor overhead", "(all)", first,
+                    f"the monitor took a median {np.nanmedian(values):.0%} of wall time "
+                    f"(max {np.nanmax(values):.0%}) over {len(values)} logged steps: use "
+                    "preset 'default' or 'cheap', a larger `every`, or a `layers` pattern"))
     return out
 
 

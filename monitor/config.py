@@ -28,6 +28,8 @@ class MonitorConfig:
     power_tol: float = 1e-4  # stop power iteration when |delta sigma| / sigma < power_tol
     layers: str = ".*"  # regex on parameter names: which tensors get per-layer metrics
     log_system: bool = True  # write run.json (status, layer order) for the dashboard
+    warn_overhead: float = 0.1  # warn once when the monitor takes more than this share of
+    #                             wall time between two logged steps (0: never warn)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -46,6 +48,9 @@ class MonitorConfig:
                 raise bad(name, "an integer >= 1")
         if not (isinstance(self.power_tol, float) and 0 < self.power_tol < 1):
             raise bad("power_tol", "a float in (0, 1)")
+        if not (isinstance(self.warn_overhead, (int, float)) and not isinstance(self.warn_overhead, bool)
+                and 0 <= self.warn_overhead):
+            raise bad("warn_overhead", "a number >= 0 (0: never warn)")
         try:
             re.compile(self.layers)
         except (re.error, TypeError) as err:

@@ -41,7 +41,7 @@ log = logging.getLogger("monitor")
 
 GLOBAL_TAGS = (schema.TAG_LOSS, schema.TAG_GLOBAL_GRAD_NORM, schema.TAG_NONFINITE_GRAD,
                schema.TAG_NONFINITE_WEIGHT, schema.TAG_METRIC_FAILURES,
-               schema.TAG_PSS_TRIGGER_RATIO, schema.TAG_PSS_INTERVENTION)
+               schema.TAG_PSS_TRIGGER_RATIO, schema.TAG_PSS_INTERVENTION, schema.TAG_MONITOR_OVERHEAD)
 
 
 @dataclass
@@ -81,6 +81,12 @@ class Monitor:
         self._before: list[torch.Tensor] | None = None  # weights before a logged step
         self._grad_norms: dict[str, float] = {}
         self._reported_unsupported: set[str] = set()
+        # the monitor's own cost: seconds spent in its code since the last written record
+        self._busy = 0.0
+        self._interval_start = time.perf_counter()
+        self._records_written = 0
+        self._warned_overhead = False
+        self._cuda = any(p.is_cuda for p in model.parameters())
         kinds = views.layer_kinds(model)
         pattern = re.compile(config.layers)
         self.layers = [Layer(name, p, kinds.get(name, "other"), views.has_matrix_view(p))
@@ -138,7 +144,9 @@ class Monitor:
 
     # ---------------------------------------------------------------- optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        start = time.perf_counter()
         self._flush_record()  # the previous step's record is complete now
+        self._busy += time.perf_counter() - start
         # args holds the optimizer itself first, then step()'s own arguments
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
@@ -164,6 +172,11 @@ class Monitor:
         t = self.step
         logged = self.config.logs(t)
         record = StepRecord(t) if logged else None
+        if logged and self._cuda:
+            # the metrics synchronise anyway; do it before the clock starts, so that the
+            # wait for the training step's queued kernels is not counted as the monitor's
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 if logged:
@@ -180,8 +193,10 @@ class Monitor:
             if record is not None:
                 record.fail("hook", "pre_step", repr(err))
         self._record = record
+        self._busy += time.perf_counter() - start
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        start = time.perf_counter()
         t = self.step
         self.step += 1
         try:
@@ -196,6 +211,7 @@ class Monitor:
                 self._record.fail("hook", "post_step", repr(err))
         finally:
             self._before = None
+            self._busy += time.perf_counter() - start
 
     # ---------------------------------------------------------------- metrics
     def _grad_metrics(self, record: StepRecord) -> None:
@@ -309,6 +325,7 @@ class Monitor:
         record, self._record = self._record, None
         if record is None:
             return
+        self._account_own_time(record)
         if record.failures:
             record.scalars[schema.TAG_METRIC_FAILURES] = float(len(record.failures))
             record.texts[schema.TAG_FAILURE_TEXT] = "\n".join(f"- {f}" for f in record.failures)
@@ -318,6 +335,29 @@ class Monitor:
                 self._write_run_file("running")
         except Exception as err:
             log.warning("monitor: writing step %d failed: %s", record.step, err)
+
+    def _account_own_time(self, record: StepRecord) -> None:
+        """Log the monitor's own time since the last record, and its share of wall time.
+
+        Counted: the optimizer hooks and event writing (on CUDA after a synchronisation, so
+        queued training kernels are not counted). Not counted: the NTK's capture hooks
+        inside forward and backward on NTK steps (small against the kernels they feed)."""
+        now = time.perf_counter()
+        wall, busy = now - self._interval_start, self._busy
+        self._interval_start, self._busy = now, 0.0
+        record.scalars[schema.TAG_MONITOR_SECONDS] = busy
+        if wall > 0:
+            share = busy / wall
+            record.scalars[schema.TAG_MONITOR_OVERHEAD] = share
+            limit = self.config.warn_overhead
+            # the first interval holds watch() itself and cold starts: not representative
+            if limit and share > limit and self._records_written >= 1 and not self._warned_overhead:
+                self._warned_overhead = True
+                log.warning("monitor: the monitor took %.0f%% of wall time up to step %d "
+                            "(limit warn_overhead=%g); use preset='default' or 'cheap', a larger "
+                            "`every`, or a `layers` pattern. Its share is logged as %s.",
+                            100 * share, record.step, limit, schema.TAG_MONITOR_OVERHEAD)
+        self._records_written += 1
 
     def _write_header(self) -> None:
         self._writer.write_summary(default_layout(GLOBAL_TAGS), step=0)

@@ -184,3 +184,15 @@ def test_whatif_figure():
 def test_global_tags_keep_full_name(fixture_table):
     x, y = charts.series(fixture_table, schema.TAG_LOSS)
     assert len(x) == 40 and np.all(np.diff(x) > 0)
+
+
+def test_monitor_overhead_alert_uses_the_median_after_the_first_log():
+    def overhead(values, **kw):
+        table = tidy([("r", 10 * i, schema.TAG_MONITOR_OVERHEAD, "", v) for i, v in enumerate(values)])
+        return alerts.find_alerts(table, **kw)
+
+    assert overhead([0.9, 0.02, 0.03, 0.5]).empty  # a cold first log and one slow step
+    found = overhead([0.01, 0.02, 0.3, 0.4])
+    assert list(found["kind"]) == ["monitor overhead"] and list(found["step"]) == [20]
+    assert "median 30%" in found.iloc[0]["detail"] and "max 40%" in found.iloc[0]["detail"]
+    assert overhead([0.01, 0.3, 0.4], overhead_limit=0.5).empty

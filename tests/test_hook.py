@@ -376,3 +376,55 @@ def test_step_with_closure_observes_the_closures_gradients(tmp_path):
     logged = read_scalars(str(tmp_path))
     assert [logged["grad_norm/0.weight"][s] for s in range(3)] == pytest.approx(expected, rel=1e-6)
     assert sorted(logged["sje/0.weight"]) == sorted(logged["ntk_eig/0.weight"]) == [0, 1, 2]
+
+
+def test_monitor_logs_its_own_cost_and_warns_once_when_it_is_large(tmp_path, monkeypatch, caplog):
+    """monitor/seconds against a known delay injected into SJE; a one-time warning."""
+    import time as _time
+
+    from monitor.metrics import energy
+
+    delay = 0.02
+    real_sje = energy.sje
+
+    def slow_sje(*args, **kwargs):
+        _time.sleep(delay)
+        return real_sje(*args, **kwargs)
+
+    monkeypatch.setattr(energy, "sje", slow_sje)
+    model = mlp(8, 16, 16, 4)  # three weight matrices: >= 3 delays per logged step
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 8)
+    with caplog.at_level("WARNING", logger="monitor"):
+        with monitor.watch(model, opt, tmp_path, config=MonitorConfig.preset("full", every=2)) as mon:
+            for _ in range(8):
+                model(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+    logged = read_scalars(str(tmp_path))
+    seconds, share = logged[schema.TAG_MONITOR_SECONDS], logged[schema.TAG_MONITOR_OVERHEAD]
+    assert sorted(seconds) == sorted(share) == [0, 2, 4, 6]
+    for step in (2, 4, 6):
+        assert seconds[step] >= 3 * delay
+        assert 0.5 < share[step] <= 1.0  # the sleeps dominate this tiny job's wall time
+    warnings = [r for r in caplog.records if "of wall time" in r.getMessage()]
+    assert len(warnings) == 1 and "warn_overhead" in warnings[0].getMessage()
+    assert mon.step == 8
+
+
+def test_monitor_cost_is_logged_and_warn_overhead_0_never_warns(tmp_path, caplog):
+    model = mlp(8, 16, 4)  # so small that the monitor's share of wall time is large
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = MonitorConfig.preset("cheap", every=5, warn_overhead=0)
+    with caplog.at_level("WARNING", logger="monitor"):
+        with monitor.watch(model, opt, tmp_path, config=config):
+            for _ in range(20):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    logged = read_scalars(str(tmp_path))
+    assert sorted(logged[schema.TAG_MONITOR_OVERHEAD]) == [0, 5, 10, 15]
+    assert all(0 <= v <= 1 for v in logged[schema.TAG_MONITOR_OVERHEAD].values())
+    assert not [r for r in caplog.records if "of wall time" in r.getMessage()]
+    with pytest.raises(ValueError, match="warn_overhead"):
+        MonitorConfig(warn_overhead=-1)
