@@ -403,9 +403,46 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
     return lr * float(ratio.item() if isinstance(ratio, torch.Tensor) else ratio)
 
 
+class InactiveMonitor:
+    """What :func:`watch` returns on ranks other than 0 of a ``torch.distributed`` job.
+
+    After DDP's all-reduce every rank holds the same gradients and weights, so rank 0 alone
+    computes and writes the metrics; the others keep the :class:`Monitor` API (``log``,
+    ``close``, context manager, ``step``) and write nothing."""
+
+    pss = None
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
+        self.rank, self.step, self.logdir = rank, 0, None
+        self._hook = optimizer.register_step_post_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.step += 1
+
+    def log(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self._hook.remove()
+
+    def __enter__(self) -> "InactiveMonitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed job, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
-          pss: PSSConfig | bool | None = None) -> Monitor:
+          pss: PSSConfig | bool | None = None) -> Monitor | InactiveMonitor:
     """Attach the monitor to ``model`` and ``optimizer``; returns the :class:`Monitor`.
 
     Args:
@@ -415,6 +452,10 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
             ``"full"`` (everything at every logged step). Ignored when ``config`` is given.
         config: a :class:`MonitorConfig` for full control.
         pss: ``True`` or a :class:`PSSConfig` to enable Parametric Singularity Smoothing.
+
+    In a ``torch.distributed`` job (DDP) only rank 0 monitors and writes; other ranks get an
+    :class:`InactiveMonitor`. PSS is refused there (every rank would have to smooth, and
+    read the control file, at the same step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -432,6 +473,13 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
         pss = None
     elif pss is not None and not isinstance(pss, PSSConfig):
         raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    rank, world = _distributed_rank()
+    if world > 1 and pss is not None:
+        raise ValueError(f"watch(pss=...): PSS is not supported in a torch.distributed job (world "
+                         f"size {world}): smoothing and live control would have to act at the "
+                         "same step on every rank. Monitor without pss, or run PSS in one process.")
+    if rank != 0:
+        return InactiveMonitor(optimizer, rank)
     if logdir is None:
         logdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return Monitor(model, optimizer, os.fspath(logdir), config, pss)
