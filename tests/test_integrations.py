@@ -1,7 +1,8 @@
-"""Real Lightning objects: the callback watches a Trainer's fit."""
+"""Real Lightning and Hugging Face Trainer objects: the callbacks watch their training."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +42,36 @@ def test_lightning_callback_logs_every_layer(tmp_path):
         series = logged[f"{metric}/net.0.weight"]
         assert sorted(series) == [0, 1, 2, 3] and all_finite(series), metric
     assert callback.monitor is not None and callback.monitor.step == 4
+
+
+def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monkeypatch):
+    """A real transformers.Trainer (accelerate inside) on a tiny GPT-2 from a config."""
+    from transformers import Trainer, TrainingArguments
+
+    from monitor.integrations.huggingface import StabilityCallback
+    from tests.helpers import tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (32, 16))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    # where the Trainer's TensorBoard callback writes (transformers 5; 4 had args.logging_dir)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "logs"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
+                             report_to=["tensorboard"], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    callback = StabilityCallback(every=1, preset="full")
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    assert callback.monitor is not None and callback.monitor.step == 4  # optimizer steps
+    logged = read_scalars(str(tmp_path / "logs"))
+    assert sorted(logged["train/loss"]) == [1, 2, 3, 4]  # the Trainer's own, same directory
+    # GPT-2's Conv1D (transposed weights) and the tied embedding / LM head, every metric
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"):
+        for metric in ("stable_rank", "sje", "grad_norm", "lr", "lr_effective", "update_ratio"):
+            series = logged[f"{metric}/{name}"]
+            assert sorted(series) == [0, 1, 2, 3] and all_finite(series), (metric, name)
+    assert sorted(logged["ntk_eig/transformer.h.0.mlp.c_fc.weight"]) == [0, 1, 2, 3]
+    # the learning rate the scheduler set at each step (linear decay from 1e-3 over 4 steps)
+    lrs = logged["lr/transformer.h.0.attn.c_attn.weight"]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[3] == pytest.approx(2.5e-4)

@@ -1,0 +1,74 @@
+"""Hugging Face ``transformers.Trainer`` integration: ``Trainer(callbacks=[StabilityCallback()])``.
+
+Imports transformers lazily (this module is only loaded when used), so the core package
+installs and imports without it.
+
+The Trainer builds its optimizer itself and steps it through accelerate's wrapper; the
+callback attaches :func:`monitor.watch` to the underlying ``torch.optim`` optimizer when
+training begins, so a *step* is an optimizer step (gradient accumulation included) and the
+gradients seen are the ones the optimizer applies (after the Trainer's ``max_grad_norm``
+clipping). By default the run directory is the one the Trainer's own TensorBoard logging
+uses when it is known (``args.logging_dir`` in transformers 4, the ``TENSORBOARD_LOGGING_DIR``
+environment variable in 5), so its ``train/loss`` (with ``report_to=["tensorboard"]``) shows
+in TensorBoard and the dashboard beside the stability metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from monitor.config import MonitorConfig
+from monitor.hook import Monitor, watch
+from monitor.schema import PSSConfig
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside accelerate's ``AcceleratedOptimizer`` (or itself)."""
+    seen = 0
+    while not type(optimizer).__module__.startswith("torch.") and hasattr(optimizer, "optimizer") \
+            and seen < 4:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"StabilityCallback: the Trainer's optimizer {type(optimizer).__name__} "
+                        "wraps no torch.optim.Optimizer")
+    return optimizer
+
+
+class StabilityCallback(TrainerCallback):
+    """Watches a ``transformers.Trainer``'s model and optimizer during ``train()``.
+
+    Args:
+        logdir: run directory; default: the Trainer's TensorBoard directory when it is known
+            (``args.logging_dir``, or ``$TENSORBOARD_LOGGING_DIR``), else ``<output_dir>/stability``.
+        every, preset, config, pss: as for :func:`monitor.watch`.
+    """
+
+    def __init__(self, logdir: str | None = None, every: int | None = None, *,
+                 preset: str = "default", config: MonitorConfig | None = None,
+                 pss: PSSConfig | bool | None = None) -> None:
+        if config is None:  # validate now, at construction, not at train time
+            config = MonitorConfig.preset(preset, every=50 if every is None else every)
+        self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
+        self.monitor: Monitor | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise RuntimeError("StabilityCallback: the Trainer passed no model or optimizer to "
+                               "on_train_begin")
+        self._close()  # a second train() call (resume) starts a fresh monitor
+        logdir = (self.logdir or getattr(args, "logging_dir", None)
+                  or os.environ.get("TENSORBOARD_LOGGING_DIR")
+                  or os.path.join(args.output_dir, "stability"))
+        self.monitor = watch(model, unwrap_optimizer(optimizer), logdir, every=self.every,
+                             config=self.config, pss=self.pss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
