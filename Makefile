@@ -5,22 +5,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-app
+DEV_STAMP := $(VENV)/.installed-dev
 TORCH_SPEC ?= torch==2.13.0
 LOGDIR ?= runs
 PORT ?= 8501
 
 .PHONY: install test demo demo-train dashboard bench clean
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
+# the monitor and the dashboard: what `make demo` needs
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dashboard]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# and what the tests need (pytest, transformers, accelerate, lightning, playwright)
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(DEV_STAMP)
+
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
