@@ -117,13 +117,27 @@ class Monitor:
         record = self._record
         if record is None or self._closed:
             return
-        for key, value in values.items():
-            tag = schema.TAG_LOSS if key == "loss" else key
-            try:
-                record.scalars[tag] = float(value.detach().float().item()
-                                            if isinstance(value, torch.Tensor) else value)
-            except Exception as err:  # a bad value must not kill the job
-                record.fail("log", tag, f"cannot convert {type(value).__name__}: {err}")
+        _add_values(record, values)
+
+    def log_at(self, step: int, **values: Any) -> None:
+        """Record scalars that belong to optimizer step ``step`` (counted from 0) but were
+        computed apart from it, on any step: a trainer's loss averaged over its logging
+        interval, an evaluation metric. They join that step's record while it is still open
+        (a logged step, until the next step begins), else they are written as their own
+        event. Names as for :meth:`log`; write them in increasing ``step`` per name."""
+        if self._closed:
+            return
+        record = self._record
+        if record is not None and record.step == step:
+            _add_values(record, values)
+            return
+        own = StepRecord(int(step))
+        _add_values(own, values)
+        try:
+            self._writer.write(own.step, own.scalars, {schema.TAG_FAILURE_TEXT: "\n".join(
+                f"- {f}" for f in own.failures)} if own.failures else None)
+        except Exception as err:  # never let the monitor kill the job
+            log.warning("monitor: writing values of step %d failed: %s", step, err)
 
     def close(self) -> None:
         if self._closed:
@@ -394,6 +408,16 @@ class Monitor:
             log.warning("monitor: cannot write %s: %s", path, err)
 
 
+def _add_values(record: StepRecord, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        tag = schema.TAG_LOSS if key == "loss" else key
+        try:
+            record.scalars[tag] = float(value.detach().float().item()
+                                        if isinstance(value, torch.Tensor) else value)
+        except Exception as err:  # a bad value must not kill the job
+            record.fail("log", tag, f"cannot convert {type(value).__name__}: {err}")
+
+
 def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> float:
     """The rate applied to ``param``: its group's lr times any trust ratio the optimizer
     stored for it (``state[p]["trust_ratio"]``: LARS, LAMB, TVLARS of ``monitor.lr``)."""
@@ -420,6 +444,9 @@ class InactiveMonitor:
         self.step += 1
 
     def log(self, **values: Any) -> None:
+        pass
+
+    def log_at(self, step: int, **values: Any) -> None:
         pass
 
     def close(self) -> None:

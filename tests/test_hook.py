@@ -428,3 +428,24 @@ def test_monitor_cost_is_logged_and_warn_overhead_0_never_warns(tmp_path, caplog
     assert not [r for r in caplog.records if "of wall time" in r.getMessage()]
     with pytest.raises(ValueError, match="warn_overhead"):
         MonitorConfig(warn_overhead=-1)
+
+
+def test_log_at_joins_an_open_record_or_writes_its_own_event(tmp_path):
+    model = mlp(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.watch(model, opt, tmp_path, every=3, preset="cheap") as mon:
+        for t in range(7):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if t % 2 == 1:  # an outside logger's interval: not aligned with every=3
+                mon.log_at(t, loss=float(t), eval_acc=torch.tensor(0.5))
+            if t == 3:
+                mon.log_at(t, bad="not a number")
+    logged = read_scalars(str(tmp_path))
+    assert logged[schema.TAG_LOSS] == {1: 1.0, 3: 3.0, 5: 5.0}
+    assert logged["eval_acc"] == {1: 0.5, 3: 0.5, 5: 0.5}
+    assert sorted(logged["grad_norm/0.weight"]) == [0, 3, 6]  # the schedule is unchanged
+    assert logged[schema.TAG_METRIC_FAILURES][3] == 1  # joined step 3's open record
+    texts = read_texts(str(tmp_path))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
+    assert "log/bad: cannot convert str" in texts[3]

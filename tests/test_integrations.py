@@ -64,8 +64,16 @@ def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monk
     callback = StabilityCallback(every=1, preset="full")
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
     assert callback.monitor is not None and callback.monitor.step == 4  # optimizer steps
-    logged = read_scalars(str(tmp_path / "logs"))
-    assert sorted(logged["train/loss"]) == [1, 2, 3, 4]  # the Trainer's own, same directory
+    theirs = read_scalars(str(tmp_path / "logs"))  # the Trainer's own TensorBoard run
+    logged = read_scalars(str(tmp_path / "logs" / "stability"))
+    # the Trainer's loss, at the 0-based optimizer step it was logged after
+    assert sorted(logged["train/loss"]) == [0, 1, 2, 3]
+    for t in range(4):
+        assert logged["train/loss"][t] == pytest.approx(theirs["train/loss"][t + 1])
+    # the Trainer logs the norm before its clipping (max_grad_norm=1), we the one applied
+    for t in range(4):
+        before = theirs["train/grad_norm"][t + 1]
+        assert logged[schema.TAG_GLOBAL_GRAD_NORM][t] == pytest.approx(min(before, 1.0), rel=1e-3)
     # GPT-2's Conv1D (transposed weights) and the tied embedding / LM head, every metric
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"):
         for metric in ("stable_rank", "sje", "grad_norm", "lr", "lr_effective", "update_ratio"):

@@ -7,10 +7,14 @@ The Trainer builds its optimizer itself and steps it through accelerate's wrappe
 callback attaches :func:`monitor.watch` to the underlying ``torch.optim`` optimizer when
 training begins, so a *step* is an optimizer step (gradient accumulation included) and the
 gradients seen are the ones the optimizer applies (after the Trainer's ``max_grad_norm``
-clipping). By default the run directory is the one the Trainer's own TensorBoard logging
-uses when it is known (``args.logging_dir`` in transformers 4, the ``TENSORBOARD_LOGGING_DIR``
-environment variable in 5), so its ``train/loss`` (with ``report_to=["tensorboard"]``) shows
-in TensorBoard and the dashboard beside the stability metrics.
+clipping). The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
+``train/loss`` at the optimizer step it was logged after.
+
+The run directory defaults to a ``stability`` folder inside the Trainer's TensorBoard
+directory when that is known (``args.logging_dir`` in transformers 4,
+``$TENSORBOARD_LOGGING_DIR`` in 5), else ``<output_dir>/stability``: TensorBoard shows both
+runs side by side, and the Trainer's own ``train/grad_norm`` (before clipping, at 1-based
+steps) does not mix with ours.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ class StabilityCallback(TrainerCallback):
     """Watches a ``transformers.Trainer``'s model and optimizer during ``train()``.
 
     Args:
-        logdir: run directory; default: the Trainer's TensorBoard directory when it is known
-            (``args.logging_dir``, or ``$TENSORBOARD_LOGGING_DIR``), else ``<output_dir>/stability``.
+        logdir: run directory; default: ``<the Trainer's TensorBoard directory>/stability`` when
+            that directory is known, else ``<output_dir>/stability``.
         every, preset, config, pss: as for :func:`monitor.watch`.
     """
 
@@ -60,11 +64,15 @@ class StabilityCallback(TrainerCallback):
             raise RuntimeError("StabilityCallback: the Trainer passed no model or optimizer to "
                                "on_train_begin")
         self._close()  # a second train() call (resume) starts a fresh monitor
-        logdir = (self.logdir or getattr(args, "logging_dir", None)
-                  or os.environ.get("TENSORBOARD_LOGGING_DIR")
-                  or os.path.join(args.output_dir, "stability"))
+        tensorboard_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+        logdir = self.logdir or os.path.join(tensorboard_dir or args.output_dir, "stability")
         self.monitor = watch(model, unwrap_optimizer(optimizer), logdir, every=self.every,
                              config=self.config, pss=self.pss)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.monitor is not None and logs and "loss" in logs and state.global_step > 0:
+            # logged after optimizer step global_step - 1 (the monitor counts from 0)
+            self.monitor.log_at(state.global_step - 1, loss=logs["loss"])
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
