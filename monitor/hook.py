@@ -459,6 +459,20 @@ class InactiveMonitor:
         self.close()
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile`` (``_orig_mod``) and DDP / DataParallel
+    (``module``) wrappers, so that tags carry the model's own parameter names whichever way
+    it is run (the parameters, modules and hooks are the same objects)."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def _distributed_rank() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed job, else (0, 1)."""
     dist = torch.distributed
@@ -500,6 +514,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
         pss = None
     elif pss is not None and not isinstance(pss, PSSConfig):
         raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    model = unwrap_model(model)
     rank, world = _distributed_rank()
     if world > 1 and pss is not None:
         raise ValueError(f"watch(pss=...): PSS is not supported in a torch.distributed job (world "

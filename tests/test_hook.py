@@ -449,3 +449,29 @@ def test_log_at_joins_an_open_record_or_writes_its_own_event(tmp_path):
     assert logged[schema.TAG_METRIC_FAILURES][3] == 1  # joined step 3's open record
     texts = read_texts(str(tmp_path))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     assert "log/bad: cannot convert str" in texts[3]
+
+
+def test_torch_compiled_model_gets_the_same_tags_and_values(tmp_path):
+    """torch.compile (dynamo, aot_eager backend: no C compiler needed): the NTK's module
+    hooks still fire, values equal the eager run's, names carry no "_orig_mod." prefix."""
+    runs = {}
+    for label in ("eager", "compiled"):
+        torch.manual_seed(0)
+        net = mlp(12, 16, 4)
+        model = torch.compile(net, backend="aot_eager") if label == "compiled" else net
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        with monitor.watch(model, opt, tmp_path / label, config=MonitorConfig.preset("full", every=2)):
+            for _ in range(5):
+                model(torch.randn(8, 12, generator=gen)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        runs[label] = read_scalars(str(tmp_path / label))
+    eager, compiled = runs["eager"], runs["compiled"]
+    per_layer = {tag for tag in eager if "/" in tag and tag.split("/")[0] in schema.METRIC_KEYS}
+    assert per_layer and per_layer <= set(compiled)
+    assert not any("_orig_mod" in tag for tag in compiled)
+    for tag in per_layer:
+        for step, value in eager[tag].items():
+            assert compiled[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+    assert sorted(compiled["ntk_eig/0.weight"]) == [0, 2, 4]
