@@ -475,3 +475,38 @@ def test_torch_compiled_model_gets_the_same_tags_and_values(tmp_path):
         for step, value in eager[tag].items():
             assert compiled[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
     assert sorted(compiled["ntk_eig/0.weight"]) == [0, 2, 4]
+
+
+def test_amp_grad_scaler_the_monitor_sees_unscaled_gradients_and_skipped_steps(tmp_path):
+    """torch.amp: autocast + GradScaler. scaler.step unscales before optimizer.step, so the
+    pre-hook sees the gradients the optimizer applies; a step the scaler skips (inf
+    gradients) is no optimizer step and is not counted."""
+    runs = {}
+    for label in ("plain", "scaled"):
+        torch.manual_seed(0)
+        model = mlp(10, 16, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if label == "scaled" else None
+        gen = torch.Generator().manual_seed(1)
+        with monitor.watch(model, opt, tmp_path / label, every=1, preset="cheap") as mon:
+            for t in range(4):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(torch.randn(8, 10, generator=gen)).float().pow(2).mean()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    if t == 2:  # an overflow: the scaler skips this step
+                        model[0].weight.grad[0, 0] = math.inf
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+        runs[label] = (read_scalars(str(tmp_path / label)), mon.step)
+    (plain, plain_steps), (scaled, scaled_steps) = runs["plain"], runs["scaled"]
+    assert plain_steps == 4 and scaled_steps == 3
+    # the scaled run's steps 0, 1 are the plain run's 0, 1 (same data, same weights)
+    for step in (0, 1):
+        assert scaled["grad_norm/0.weight"][step] == pytest.approx(plain["grad_norm/0.weight"][step], rel=1e-3)
+        assert scaled["lr_effective/0.weight"][step] == pytest.approx(0.05, rel=1e-3)
+    assert all_finite(scaled[schema.TAG_GLOBAL_GRAD_NORM])
