@@ -25,9 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from monitor.config import MonitorConfig
-from monitor.hook import Monitor, watch
-from monitor.schema import PSSConfig
+from monitor.integrations import WatchSettings
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -42,7 +40,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-class StabilityCallback(TrainerCallback):
+class StabilityCallback(WatchSettings, TrainerCallback):
     """Watches a ``transformers.Trainer``'s model and optimizer during ``train()``.
 
     Args:
@@ -51,23 +49,13 @@ class StabilityCallback(TrainerCallback):
         every, preset, config, pss: as for :func:`monitor.watch`.
     """
 
-    def __init__(self, logdir: str | None = None, every: int | None = None, *,
-                 preset: str = "default", config: MonitorConfig | None = None,
-                 pss: PSSConfig | bool | None = None) -> None:
-        if config is None:  # validate now, at construction, not at train time
-            config = MonitorConfig.preset(preset, every=50 if every is None else every)
-        self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
-        self.monitor: Monitor | None = None
-
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("StabilityCallback: the Trainer passed no model or optimizer to "
                                "on_train_begin")
-        self._close()  # a second train() call (resume) starts a fresh monitor
         tensorboard_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
         logdir = self.logdir or os.path.join(tensorboard_dir or args.output_dir, "stability")
-        self.monitor = watch(model, unwrap_optimizer(optimizer), logdir, every=self.every,
-                             config=self.config, pss=self.pss)
+        self._watch(model, unwrap_optimizer(optimizer), logdir)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs and "loss" in logs and state.global_step > 0:
@@ -76,7 +64,3 @@ class StabilityCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
-
-    def _close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()

@@ -11,12 +11,10 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from monitor.config import MonitorConfig
-from monitor.hook import Monitor, watch
-from monitor.schema import PSSConfig
+from monitor.integrations import WatchSettings
 
 
-class StabilityMonitor(Callback):
+class StabilityMonitor(WatchSettings, Callback):
     """Watches the first optimizer of a Lightning fit and logs the step loss.
 
     Args:
@@ -25,21 +23,12 @@ class StabilityMonitor(Callback):
         every, preset, config, pss: as for :func:`monitor.watch`.
     """
 
-    def __init__(self, logdir: str | None = None, every: int | None = None, *,
-                 preset: str = "default", config: MonitorConfig | None = None,
-                 pss: PSSConfig | bool | None = None) -> None:
-        if config is None:  # validate now, at construction, not at fit time
-            config = MonitorConfig.preset(preset, every=50 if every is None else every)
-        self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
-        self.monitor: Monitor | None = None
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.optimizers:
             raise RuntimeError("StabilityMonitor: the LightningModule configured no optimizer")
         logdir = self.logdir or getattr(trainer.logger, "log_dir", None) or os.path.join(
             trainer.default_root_dir, "stability")
-        self.monitor = watch(pl_module, trainer.optimizers[0], logdir, every=self.every,
-                             config=self.config, pss=self.pss)
+        self._watch(pl_module, trainer.optimizers[0], logdir)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -54,7 +43,3 @@ class StabilityMonitor(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close()
-
-    def _close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
