@@ -86,7 +86,7 @@ class Monitor:
         self._interval_start = time.perf_counter()
         self._records_written = 0
         self._warned_overhead = False
-        self._cuda = any(p.is_cuda for p in model.parameters())
+        self._cuda = next((p.device for p in model.parameters() if p.is_cuda), None)
         kinds = views.layer_kinds(model)
         pattern = re.compile(config.layers)
         self.layers = [Layer(name, p, kinds.get(name, "other"), views.has_matrix_view(p))
@@ -186,10 +186,10 @@ class Monitor:
         t = self.step
         logged = self.config.logs(t)
         record = StepRecord(t) if logged else None
-        if logged and self._cuda:
+        if logged and self._cuda is not None:
             # the metrics synchronise anyway; do it before the clock starts, so that the
             # wait for the training step's queued kernels is not counted as the monitor's
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self._cuda)
         start = time.perf_counter()
         try:
             with torch.no_grad():
