@@ -32,6 +32,7 @@ from torch import nn
 
 from monitor import schema
 from monitor.config import MonitorConfig
+from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk import NTKCapture
 from monitor.schema import PSSConfig, layer_tag
@@ -427,60 +428,6 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
     return lr * float(ratio.item() if isinstance(ratio, torch.Tensor) else ratio)
 
 
-class InactiveMonitor:
-    """What :func:`watch` returns on ranks other than 0 of a ``torch.distributed`` job.
-
-    After DDP's all-reduce every rank holds the same gradients and weights, so rank 0 alone
-    computes and writes the metrics; the others keep the :class:`Monitor` API (``log``,
-    ``close``, context manager, ``step``) and write nothing."""
-
-    pss = None
-
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
-        self.rank, self.step, self.logdir = rank, 0, None
-        self._hook = optimizer.register_step_post_hook(self._count)
-
-    def _count(self, *_: Any) -> None:
-        self.step += 1
-
-    def log(self, **values: Any) -> None:
-        pass
-
-    def log_at(self, step: int, **values: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        self._hook.remove()
-
-    def __enter__(self) -> "InactiveMonitor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``torch.compile`` (``_orig_mod``) and DDP / DataParallel
-    (``module``) wrappers, so that tags carry the model's own parameter names whichever way
-    it is run (the parameters, modules and hooks are the same objects)."""
-    for _ in range(8):
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of an initialised torch.distributed job, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
           pss: PSSConfig | bool | None = None) -> Monitor | InactiveMonitor:
@@ -515,7 +462,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     elif pss is not None and not isinstance(pss, PSSConfig):
         raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
     model = unwrap_model(model)
-    rank, world = _distributed_rank()
+    rank, world = rank_and_world_size()
     if world > 1 and pss is not None:
         raise ValueError(f"watch(pss=...): PSS is not supported in a torch.distributed job (world "
                          f"size {world}): smoothing and live control would have to act at the "

@@ -7,17 +7,12 @@ import json
 import os
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from monitor import schema
 from tests.helpers import read_scalars
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
-
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     import monitor  # imported in the child

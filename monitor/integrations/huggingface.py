@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from monitor.integrations import WatchSettings
+from monitor.integrations.callbacks import WatchSettings
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from monitor.integrations import WatchSettings
+from monitor.integrations.callbacks import WatchSettings
 
 
 class StabilityMonitor(WatchSettings, Callback):

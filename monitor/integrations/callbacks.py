@@ -1,0 +1,29 @@
+"""What the framework callbacks (``lightning``, ``huggingface``) share."""
+
+from __future__ import annotations
+
+from monitor.config import MonitorConfig
+from monitor.hook import Monitor, watch
+from monitor.schema import PSSConfig
+
+
+class WatchSettings:
+    """The :func:`monitor.watch` arguments a callback holds until training starts; validated
+    at construction, so a wrong argument fails at once and not at fit time."""
+
+    def __init__(self, logdir: str | None = None, every: int | None = None, *,
+                 preset: str = "default", config: MonitorConfig | None = None,
+                 pss: PSSConfig | bool | None = None) -> None:
+        if config is None:
+            config = MonitorConfig.preset(preset, every=50 if every is None else every)
+        self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
+        self.monitor: Monitor | None = None
+
+    def _watch(self, model, optimizer, logdir: str) -> None:
+        self._close()  # a second fit / train() call starts a fresh monitor
+        self.monitor = watch(model, optimizer, logdir, every=self.every, config=self.config,
+                             pss=self.pss)
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
