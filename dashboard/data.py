@@ -13,7 +13,10 @@ A record whose length checksum is wrong, or whose payload is not an ``Event``, m
 corrupt: what came before is kept and the error names the file and the byte offset. The
 payload checksum is not verified (a pure-Python CRC-32C over tens of megabytes costs
 seconds); a damaged payload almost always fails to parse instead. Steps laid out like an
-earlier step are decoded by ``dashboard.wire`` without per-value Python work.
+earlier step are decoded by ``dashboard.wire`` without per-value Python work. A job resumed
+from a checkpoint writes a ``SessionLog.START`` at its first step into a new file; as in
+TensorBoard, what earlier files logged from that step on is then dropped (see
+:func:`superseded_mask`).
 
 Readers return tidy tables with the columns ``run, step, wall_time, metric, layer, value``
 (:data:`COLUMNS`). Per-layer tags ``<metric>/<parameter name>`` give ``metric`` and
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from dashboard.wire import Templates
@@ -146,6 +149,7 @@ class _FileState:
         self.offset = 0  # byte offset of the first record not read yet
         self.error: str | None = None  # set once the file is found corrupt; reading stops
         self.pending = 0  # bytes of an incomplete record at the end (retried next refresh)
+        self.index = 0  # order of the file in the run (event file names start with their time)
 
 
 class RunReader:
@@ -164,7 +168,10 @@ class RunReader:
         self._files: dict[str, _FileState] = {}
         self._tag_code: dict[str, int] = {}
         self._tags: list[str] = []
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # (step, wall_time, tag code, value, file index) per row, appended per read
+        self._chunks: list[tuple[np.ndarray, ...]] = []
+        self._restarts: list[tuple[int, int]] = []  # (file index, step) of SessionLog.START
+        self._reading = 0  # index of the file being read
         self._texts: list[tuple[int, float, str, str]] = []
         self._templates = Templates()  # fast decoding of step layouts seen before
         self._table: pd.DataFrame | None = None
@@ -176,7 +183,10 @@ class RunReader:
             paths = sorted(glob.glob(os.path.join(glob.escape(self.run_dir), EVENT_GLOB)))
             new = 0
             for path in paths:
-                state = self._files.setdefault(path, _FileState(path))
+                if path not in self._files:
+                    self._files[path] = _FileState(path)
+                    self._files[path].index = len(self._files) - 1
+                state = self._files[path]
                 if state.error is None:
                     new += self._read_file(state)
             if new:
@@ -192,6 +202,7 @@ class RunReader:
         except OSError as err:
             state.error = f"cannot read {state.path}: {err}"
             return 0
+        self._reading = state.index
         steps: list[int] = []
         walls: list[float] = []
         counts: list[int] = []
@@ -232,15 +243,19 @@ class RunReader:
         state.pending = end - pos if state.error is None else 0
         state.offset += pos
         if codes:
-            self._chunks.append((np.repeat(np.asarray(steps, np.int64), counts),
-                                 np.repeat(np.asarray(walls, np.float64), counts),
-                                 np.concatenate(codes), np.concatenate(values)))
+            step_rows = np.repeat(np.asarray(steps, np.int64), counts)
+            self._chunks.append((step_rows, np.repeat(np.asarray(walls, np.float64), counts),
+                                 np.concatenate(codes), np.concatenate(values),
+                                 np.full(len(step_rows), state.index, np.int32)))
         return events
 
     def _collect(self, event: Event):
         """``(wall_time, step, codes, values, scalars_only)`` of an event's summary (texts
-        are kept aside); None for events without a summary."""
+        are kept aside); None for events without a summary (a session start is noted)."""
         if not event.HasField("summary"):
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                self._restarts.append((self._reading, event.step))
+                self._table = None
             return None
         tag_code = self._tag_code
         codes: list[int] = []
@@ -292,7 +307,10 @@ class RunReader:
         if self._chunks:
             if len(self._chunks) > 1:  # merge once so later builds concatenate less
                 self._chunks = [tuple(np.concatenate(c) for c in zip(*self._chunks))]
-            step, wall, code, value = self._chunks[0]
+            step, wall, code, value, file = self._chunks[0]
+            if self._restarts:  # a resumed job: drop what its crashed predecessor logged later
+                keep = superseded_mask(step, file, self._restarts)
+                step, wall, code, value = step[keep], wall[keep], code[keep], value[keep]
         else:
             step, wall, code, value = (np.empty(0, np.int64), np.empty(0), np.empty(0, np.int32),
                                        np.empty(0))
@@ -312,6 +330,18 @@ class RunReader:
         frame = pd.DataFrame(rows, columns=list(TEXT_COLUMNS[1:]))
         frame.insert(0, "run", self.name)
         return frame
+
+
+def superseded_mask(step: np.ndarray, file: np.ndarray, restarts: list[tuple[int, int]]
+                    ) -> np.ndarray:
+    """Rows to keep, TensorBoard's restart rule: a ``SessionLog.START`` at step T in event
+    file f (a job resumed from a checkpoint; ``EventWriter.write_session_start``) drops what
+    the earlier files of the run logged at step T or later, so the steps a crashed job logged
+    past its last checkpoint are replaced, not doubled. ``restarts``: (file index, T) pairs."""
+    keep = np.ones(len(step), bool)
+    for f, start in restarts:
+        keep &= ~((file < f) & (step >= start))
+    return keep
 
 
 def _split_tags(tags: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:

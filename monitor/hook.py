@@ -73,10 +73,10 @@ class Monitor:
     """The hook returned by :func:`watch`. Also a context manager; ``close()`` is idempotent."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str,
-                 config: MonitorConfig, pss: PSSConfig | None = None) -> None:
+                 config: MonitorConfig, pss: PSSConfig | None = None, start_step: int = 0) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.logdir = os.fspath(logdir)
-        self.step = 0  # optimizer steps completed so far; the running step is `self.step`
+        self.step = start_step  # optimizer steps so far (from a checkpoint: its step); the running step
         self._closed = False
         self._record: StepRecord | None = None  # record of the running/last step, unwritten
         self._before: list[torch.Tensor] | None = None  # weights before a logged step
@@ -101,7 +101,7 @@ class Monitor:
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
-        if config.ntk_at(0):
+        if config.ntk_at(start_step):
             self._ntk.arm()
 
     # ---------------------------------------------------------------- public API
@@ -375,10 +375,12 @@ class Monitor:
         self._records_written += 1
 
     def _write_header(self) -> None:
-        self._writer.write_summary(default_layout(GLOBAL_TAGS), step=0)
+        if self.step > 0:  # resumed from a checkpoint: supersede what a crashed run logged later
+            self._writer.write_session_start(self.step)
+        self._writer.write_summary(default_layout(GLOBAL_TAGS), step=self.step)
         header = {schema.TAG_SJE_K_MAX: float(self.config.sje_k_max)}
         text = {schema.TAG_RUN_CONFIG: "```json\n" + json.dumps(self._run_info(), indent=1) + "\n```"}
-        self._writer.write(0, header, text)
+        self._writer.write(self.step, header, text)
         self._started = time.time()
         self._write_run_file("running")
 
@@ -430,7 +432,7 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
-          pss: PSSConfig | bool | None = None) -> Monitor | InactiveMonitor:
+          pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor | InactiveMonitor:
     """Attach the monitor to ``model`` and ``optimizer``; returns the :class:`Monitor`.
 
     Args:
@@ -440,6 +442,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
             ``"full"`` (everything at every logged step). Ignored when ``config`` is given.
         config: a :class:`MonitorConfig` for full control.
         pss: ``True`` or a :class:`PSSConfig` to enable Parametric Singularity Smoothing.
+        start_step: the optimizer step training resumes from (a checkpoint's step), so that
+            steps continue the earlier run's and the schedule stays aligned with it; PSS
+            detection warms up again (its moving average is not in the checkpoint).
 
     In a ``torch.distributed`` job (DDP) only rank 0 monitors and writes; other ranks get an
     :class:`InactiveMonitor`. PSS is refused there (every rank would have to smooth, and
@@ -447,6 +452,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+    if not (isinstance(start_step, int) and not isinstance(start_step, bool) and start_step >= 0):
+        raise ValueError(f"watch(start_step={start_step!r}): expected an integer >= 0")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("watch(optimizer=...): expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
@@ -468,7 +475,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
                          f"size {world}): smoothing and live control would have to act at the "
                          "same step on every rank. Monitor without pss, or run PSS in one process.")
     if rank != 0:
-        return InactiveMonitor(optimizer, rank)
+        return InactiveMonitor(optimizer, rank, start_step)
     if logdir is None:
         logdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    return Monitor(model, optimizer, os.fspath(logdir), config, pss)
+    return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step)

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from torch.utils.tensorboard.summary import custom_scalars, text
@@ -80,6 +80,14 @@ class EventWriter:
         if self._writer is None:
             raise RuntimeError(f"EventWriter for {self.logdir} is closed")
         self._writer.add_event(Event(step=step, wall_time=time.time(), summary=summary))
+
+    def write_session_start(self, step: int) -> None:
+        """Mark a job resumed at ``step``: TensorBoard (and the dashboard) then drop what
+        earlier files of this run logged at ``step`` or later (orphaned by the restart)."""
+        if self._writer is None:
+            raise RuntimeError(f"EventWriter for {self.logdir} is closed")
+        self._writer.add_event(Event(step=step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
 
     def flush(self) -> None:
         if self._writer is not None:

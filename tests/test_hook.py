@@ -510,3 +510,63 @@ def test_amp_grad_scaler_the_monitor_sees_unscaled_gradients_and_skipped_steps(t
         assert scaled["grad_norm/0.weight"][step] == pytest.approx(plain["grad_norm/0.weight"][step], rel=1e-3)
         assert scaled["lr_effective/0.weight"][step] == pytest.approx(0.05, rel=1e-3)
     assert all_finite(scaled[schema.TAG_GLOBAL_GRAD_NORM])
+
+
+def test_resumed_job_continues_its_steps_and_supersedes_the_orphaned_ones(tmp_path):
+    """A job logs steps 0..6, dies; it is resumed from a checkpoint of step 4 with
+    watch(start_step=4). TensorBoard's reader and the dashboard's both show steps 0, 2 from
+    the first run and 4, 6 from the resumed one, once each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dashboard.data import RunReader
+
+    def train(seed, start, stop, spike_at=None, **kw):
+        torch.manual_seed(seed)
+        model = mlp(6, 8, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        norms = {}
+        with monitor.watch(model, opt, tmp_path, every=2, preset="cheap", **kw) as mon:
+            assert mon.step == start
+            for t in range(start, stop):
+                model(torch.randn(5, 6)).pow(2).mean().backward()
+                if t == spike_at:
+                    for p in model.parameters():
+                        p.grad.mul_(100.0)
+                norms[t] = model[0].weight.grad.norm().item()
+                opt.step()
+                opt.zero_grad()
+            assert mon.step == stop
+        return norms
+
+    first = train(0, 0, 7)
+    _time_passes_for_a_new_event_file_name()
+    # a spike at step 5, the resumed job's second: inside its new warm-up of 3 steps
+    resumed = train(1, 4, 8, spike_at=5, start_step=4, pss=monitor.PSSConfig(warmup_steps=3))
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("grad_norm/0.weight")
+    assert [e.step for e in events] == [0, 2, 4, 6]
+    expected = [first[0], first[2], resumed[4], resumed[6]]
+    assert [e.value for e in events] == pytest.approx(expected, rel=1e-5)
+    reader = RunReader(str(tmp_path))
+    reader.refresh()
+    table = reader.table()
+    rows = table[(table["metric"] == "grad_norm") & (table["layer"] == "0.weight")].sort_values("step")
+    assert list(rows["step"]) == [0, 2, 4, 6]
+    assert list(rows["value"]) == pytest.approx(expected, rel=1e-5)
+    # PSS of the resumed job warms up again (its average is not in the checkpoint): the
+    # spike at step 5 (> warmup_steps=3 as a step number) does not trigger
+    logged = read_scalars(str(tmp_path))
+    assert logged[schema.TAG_PSS_TRIGGER_RATIO][4] == 1.0  # the first value starts the average
+    assert not any(logged[schema.TAG_PSS_INTERVENTION].values())
+    assert schema.TAG_PSS_EVENTS + schema.TEXT_SUFFIX not in read_texts(str(tmp_path))
+    with pytest.raises(ValueError, match="start_step"):
+        monitor.watch(mlp(2, 2), torch.optim.SGD(mlp(2, 2).parameters(), lr=0.1), tmp_path,
+                      start_step=-1)
+
+
+def _time_passes_for_a_new_event_file_name():
+    """Event file names carry the creation time in seconds: the resumed job's file sorts after."""
+    import time as _time
+
+    _time.sleep(1.05)

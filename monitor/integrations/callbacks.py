@@ -19,10 +19,10 @@ class WatchSettings:
         self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
         self.monitor: Monitor | None = None
 
-    def _watch(self, model, optimizer, logdir: str) -> None:
+    def _watch(self, model, optimizer, logdir: str, start_step: int) -> None:
         self._close()  # a second fit / train() call starts a fresh monitor
         self.monitor = watch(model, optimizer, logdir, every=self.every, config=self.config,
-                             pss=self.pss)
+                             pss=self.pss, start_step=start_step)
 
     def _close(self) -> None:
         if self.monitor is not None:

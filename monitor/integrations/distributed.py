@@ -25,8 +25,8 @@ class InactiveMonitor:
 
     pss = None
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
-        self.rank, self.step, self.logdir = rank, 0, None
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int, start_step: int = 0) -> None:
+        self.rank, self.step, self.logdir = rank, start_step, None
         self._hook = optimizer.register_step_post_hook(self._count)
 
     def _count(self, *_: Any) -> None:

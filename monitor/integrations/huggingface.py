@@ -55,7 +55,8 @@ class StabilityCallback(WatchSettings, TrainerCallback):
                                "on_train_begin")
         tensorboard_dir = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
         logdir = self.logdir or os.path.join(tensorboard_dir or args.output_dir, "stability")
-        self._watch(model, unwrap_optimizer(optimizer), logdir)
+        # resumed from a checkpoint: the Trainer restored global_step before this call
+        self._watch(model, unwrap_optimizer(optimizer), logdir, start_step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is not None and logs and "loss" in logs and state.global_step > 0:

@@ -23,12 +23,13 @@ class StabilityMonitor(WatchSettings, Callback):
         every, preset, config, pss: as for :func:`monitor.watch`.
     """
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # not on_fit_start: Lightning restores a checkpoint's global_step between the two
         if not trainer.optimizers:
             raise RuntimeError("StabilityMonitor: the LightningModule configured no optimizer")
         logdir = self.logdir or getattr(trainer.logger, "log_dir", None) or os.path.join(
             trainer.default_root_dir, "stability")
-        self._watch(pl_module, trainer.optimizers[0], logdir)
+        self._watch(pl_module, trainer.optimizers[0], logdir, start_step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

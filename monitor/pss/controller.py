@@ -81,7 +81,8 @@ class PSSController:
         try:
             smooth_now = self._apply(self.watcher.poll(step), step, result)
             cfg = self.config
-            triggered, ratio = self.detector.update(global_grad_norm, step)
+            # warm-up counts the steps this controller has seen (a resumed job warms up again)
+            triggered, ratio = self.detector.update(global_grad_norm)
             nonfinite = not math.isfinite(global_grad_norm)
             layers = self._selected()
             if cfg.per_layer and layer_grad_norms:
@@ -110,7 +111,7 @@ class PSSController:
         for name, g in norms.items():
             det = self.layer_detectors.setdefault(
                 name, Detector(self.config.tau, self.config.alpha, self.config.warmup_steps))
-            if det.update(g, step)[0]:
+            if det.update(g)[0]:
                 hits.add(name)
         return hits
 
