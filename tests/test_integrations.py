@@ -83,3 +83,39 @@ def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monk
     # the learning rate the scheduler set at each step (linear decay from 1e-3 over 4 steps)
     lrs = logged["lr/transformer.h.0.attn.c_attn.weight"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[3] == pytest.approx(2.5e-4)
+
+
+def test_hugging_face_resume_from_checkpoint_continues_the_steps(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from monitor.integrations.huggingface import StabilityCallback
+    from tests.helpers import tiny_gpt2
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "logs"))
+    ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    def trainer(callback):
+        torch.manual_seed(0)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4,
+                                 per_device_train_batch_size=4, learning_rate=1e-3,
+                                 logging_steps=1, report_to=[], save_strategy="steps",
+                                 save_steps=2, use_cpu=True, disable_tqdm=True)
+        return Trainer(model=tiny_gpt2(), args=args, train_dataset=dataset, callbacks=[callback])
+
+    trainer(StabilityCallback(every=1, preset="cheap")).train()
+    _sleep_past_a_second()  # a new event file name sorts after the first one
+    again = StabilityCallback(every=1, preset="cheap")
+    trainer(again).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert again.monitor.step == 4
+    acc = EventAccumulator(str(tmp_path / "logs" / "stability"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grad_norm/transformer.h.0.attn.c_attn.weight")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars(schema.TAG_LOSS)] == [0, 1, 2, 3]
+
+
+def _sleep_past_a_second():
+    import time
+
+    time.sleep(1.05)
