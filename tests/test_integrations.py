@@ -10,11 +10,8 @@ from monitor import schema
 from tests.helpers import all_finite, read_scalars
 
 
-def test_lightning_callback_logs_every_layer(tmp_path):
+def regressor():
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from monitor.integrations.lightning import StabilityMonitor
 
     class Regressor(pl.LightningModule):
         def __init__(self):
@@ -28,6 +25,15 @@ def test_lightning_callback_logs_every_layer(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
+    return Regressor()
+
+
+def test_lightning_callback_logs_every_layer(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from monitor.integrations.lightning import StabilityMonitor
+
     data = torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randn(32, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     logger = TensorBoardLogger(str(tmp_path), name="lit", version=0)
@@ -35,7 +41,7 @@ def test_lightning_callback_logs_every_layer(tmp_path):
     trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=logger, callbacks=[callback],
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    trainer.fit(Regressor(), loader)
+    trainer.fit(regressor(), loader)
     logged = read_scalars(logger.log_dir)
     assert sorted(logged[schema.TAG_LOSS]) == [0, 1, 2, 3]
     for metric in ("stable_rank", "sje", "ntk_eig", "grad_norm", "lr", "lr_effective"):
@@ -119,3 +125,34 @@ def _sleep_past_a_second():
     import time
 
     time.sleep(1.05)
+
+
+def test_lightning_resume_from_checkpoint_continues_the_steps(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from monitor.integrations.lightning import StabilityMonitor
+
+    data = torch.utils.data.TensorDataset(torch.randn(48, 5), torch.randn(48, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+
+    def fit(ckpt_path=None):
+        callback = StabilityMonitor(every=1, preset="cheap")
+        trainer = pl.Trainer(
+            max_steps=5, accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="lit", version=0),
+            callbacks=[callback, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2,
+                                                 save_top_k=-1)],
+            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(regressor(), loader, ckpt_path=ckpt_path)
+        return callback, trainer
+
+    fit()
+    _sleep_past_a_second()
+    [ckpt] = [p for p in (tmp_path / "ckpt").iterdir() if "step=2" in p.name]
+    callback, trainer = fit(str(ckpt))
+    assert callback.monitor.step == trainer.global_step == 5
+    acc = EventAccumulator(str(tmp_path / "lit" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grad_norm/net.0.weight")] == [0, 1, 2, 3, 4]
