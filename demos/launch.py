@@ -10,8 +10,10 @@ prints the TensorBoard command.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,21 +35,49 @@ def main() -> int:
     has_dashboard = os.path.exists(app) and importlib.util.find_spec("streamlit") is not None
     if args.no_dashboard or not has_dashboard:
         return subprocess.call(train_cmd)
-    train = subprocess.Popen(train_cmd)
-    time.sleep(2.0)  # let the run directory appear so the dashboard opens on it at once
-    url = f"http://{args.address}:{args.port}"
-    print(f"\ndashboard: {url}   (training runs in the background; Ctrl-C stops both)\n")
     dash_cmd = [sys.executable, "-m", "streamlit", "run", app, "--server.address", args.address,
                 "--server.port", str(args.port), "--server.headless", "true",
                 "--browser.gatherUsageStats", "false", "--", "--logdir", args.logdir]
+    # SIGTERM (kill, a supervisor) stops both children like Ctrl-C does: no orphans
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    children: list[subprocess.Popen] = []
     try:
-        return subprocess.call(dash_cmd)
+        started = time.time()
+        children.append(subprocess.Popen(train_cmd))
+        wait_for_run(args.logdir, started)  # so the dashboard opens on the new run at once
+        children.append(subprocess.Popen(dash_cmd))
+        print(f"\ndashboard: http://{args.address}:{args.port}   (training runs in the "
+              "background; Ctrl-C stops both)\n", flush=True)
+        train, dash = children
+        said = False
+        while dash.poll() is None:
+            if train.poll() is not None and not said:
+                said = True
+                print(f"\ntraining ended (exit code {train.returncode}); the dashboard keeps "
+                      "running until Ctrl-C\n", flush=True)
+            time.sleep(0.5)
+        return dash.returncode
     except KeyboardInterrupt:
         return 0
     finally:
-        if train.poll() is None:
-            train.terminate()
-            train.wait(timeout=30)
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def wait_for_run(logdir: str, since: float, timeout: float = 20.0) -> None:
+    """Until an event file newer than ``since`` appears under ``logdir`` (or ``timeout``)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        files = glob.glob(os.path.join(glob.escape(logdir), "*", "events.out.tfevents.*"))
+        if any(os.path.getmtime(f) >= since for f in files):
+            return
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -75,23 +76,23 @@ def main(cfg: TrainConfig) -> str:
     logdir = os.path.join(cfg.logdir, run)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    mon = monitor.watch(model, optimizer, logdir, every=cfg.every, preset=cfg.preset,
-                        pss=cfg.pss or None)
-    bar = tqdm(range(cfg.steps), desc=run, unit="step")
-    for _ in bar:
-        x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)  # (B, T), (B, T)
-        _, loss = model(x, y)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        mon.log(loss=loss)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if cfg.step_delay:
-            time.sleep(cfg.step_delay)
-    mon.close()
+    # the context manager closes the run (events flushed, run.json "finished") on Ctrl-C too
+    with monitor.watch(model, optimizer, logdir, every=cfg.every, preset=cfg.preset,
+                       pss=cfg.pss or None) as mon:
+        bar = tqdm(range(cfg.steps), desc=run, unit="step")
+        for _ in bar:
+            x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)  # (B, T), (B, T)
+            _, loss = model(x, y)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            mon.log(loss=loss)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if cfg.step_delay:
+                time.sleep(cfg.step_delay)
     print(f"\nrun written to {logdir}\n"
           f"  view in TensorBoard:  tensorboard --logdir {cfg.logdir}\n"
           f"  view in the dashboard: streamlit run dashboard/app.py -- --logdir {cfg.logdir}")
@@ -99,4 +100,5 @@ def main(cfg: TrainConfig) -> str:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # terminate = Ctrl-C: close the run
     main(parse_args())
