@@ -22,7 +22,8 @@ class MonitorConfig:
     every: int = 50  # log the cheap metrics every `every` optimizer steps
     sje_every: int = 200  # SJE every `sje_every` steps (a multiple of `every`; 0: off)
     ntk_every: int = 200  # NTK top eigenvalue every `ntk_every` steps (multiple of `every`; 0: off)
-    ntk_probe: int = 16  # n: samples of the batch used for the per-layer NTK
+    ntk_probe: int = 16  # n: samples of the batch used for the per-layer NTK; an NTK step holds
+    #                      about n * T * (d_in + d_out) values per layer (see README, Memory)
     sje_k_max: int = 64  # cap on k = floor(stable rank) for SJE's top-k subspace (logged)
     power_iters: int = 30  # cap on power-iteration steps for sigma_max per logged step
     power_tol: float = 1e-4  # stop power iteration when |delta sigma| / sigma < power_tol
