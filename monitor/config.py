@@ -24,6 +24,8 @@ class MonitorConfig:
     ntk_every: int = 200  # NTK top eigenvalue every `ntk_every` steps (multiple of `every`; 0: off)
     ntk_probe: int = 16  # n: samples of the batch used for the per-layer NTK; an NTK step holds
     #                      about n * T * (d_in + d_out) values per layer (see README, Memory)
+    ntk_max_mb: float = 4096.0  # cap on the memory one NTK step's captures hold; layers past
+    #                             it are skipped and said once (0: no cap)
     sje_k_max: int = 64  # cap on k = floor(stable rank) for SJE's top-k subspace (logged)
     power_iters: int = 30  # cap on power-iteration steps for sigma_max per logged step
     power_tol: float = 1e-4  # stop power iteration when |delta sigma| / sigma < power_tol
@@ -44,6 +46,9 @@ class MonitorConfig:
                 raise bad(name, f"0 (off) or a positive multiple of every={self.every}")
         if not _pos_int(self.ntk_probe) or self.ntk_probe < 2:
             raise bad("ntk_probe", "an integer >= 2")
+        if not (isinstance(self.ntk_max_mb, (int, float)) and not isinstance(self.ntk_max_mb, bool)
+                and self.ntk_max_mb >= 0):
+            raise bad("ntk_max_mb", "a number of megabytes >= 0 (0: no cap)")
         for name in ("sje_k_max", "power_iters"):
             if not _pos_int(getattr(self, name)):
                 raise bad(name, "an integer >= 1")

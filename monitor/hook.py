@@ -96,7 +96,8 @@ class Monitor:
         self._writer = EventWriter(self.logdir)
         self._ntk = NTKCapture(model, {id(l.param): l.name for l in self.layers
                                       if l.spectral and l.param.requires_grad},
-                               n=config.ntk_probe)
+                               n=config.ntk_probe,
+                               max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]

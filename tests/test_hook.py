@@ -570,3 +570,32 @@ def _time_passes_for_a_new_event_file_name():
     import time as _time
 
     _time.sleep(1.05)
+
+
+def test_ntk_memory_cap_skips_the_layers_past_it_and_says_so_once(tmp_path):
+    """ntk_max_mb: the first layer's probe fits, the others would pass the cap; the job and
+    the first layer's value are as without a cap, the others are named once."""
+    runs = {}
+    for label, cap_mb in (("uncapped", 0), ("capped", 3.5 / 1024)):  # 3.5 KB
+        torch.manual_seed(0)
+        model = mlp(32, 64, 64, 4)  # layer 0 holds 8*32 + 8*64 floats = 3 KB; layer 2: 4 KB
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        config = MonitorConfig.preset("full", every=1, ntk_probe=8, ntk_max_mb=cap_mb)
+        gen = torch.Generator().manual_seed(1)
+        with monitor.watch(model, opt, tmp_path / label, config=config):
+            for _ in range(3):
+                model(torch.randn(8, 32, generator=gen)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        runs[label] = read_scalars(str(tmp_path / label)), read_texts(str(tmp_path / label))
+    (uncapped, _), (capped, texts) = runs["uncapped"], runs["capped"]
+    assert sorted(capped["ntk_eig/0.weight"]) == [0, 1, 2]
+    for step in range(3):
+        assert capped["ntk_eig/0.weight"][step] == pytest.approx(uncapped["ntk_eig/0.weight"][step])
+    assert "ntk_eig/2.weight" in uncapped and "ntk_eig/2.weight" not in capped
+    assert "ntk_eig/4.weight" not in capped
+    said = texts[schema.TAG_UNSUPPORTED + schema.TEXT_SUFFIX]
+    assert list(said) == [0] and "ntk_max_mb" in said[0] and "2.weight" in said[0]
+    assert schema.TAG_METRIC_FAILURES not in capped
+    with pytest.raises(ValueError, match="ntk_max_mb"):
+        MonitorConfig(ntk_max_mb=-1)

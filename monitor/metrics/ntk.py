@@ -353,16 +353,21 @@ class NTKCapture:
         model: the model.
         param_names: ``{id(parameter): name}`` of the weights to watch.
         n: probe size; only the first ``n`` samples of the batch are kept (detached copies).
+        max_bytes: cap on what one step's captures may hold (inputs and output gradients of
+            the probe samples); a layer whose capture would pass it is skipped, reported once
+            as unsupported with the reason. None: no cap.
 
     Usage: ``arm()`` before a training step's forward; after its ``loss.backward()``,
     ``compute()`` returns ``({name: λ_max}, {name: reason})``; then ``disarm()``. Hooks never
     raise: a capture that fails is reported by ``compute()`` for that layer.
     """
 
-    def __init__(self, model: nn.Module, param_names: Mapping[int, str], n: int = 16) -> None:
+    def __init__(self, model: nn.Module, param_names: Mapping[int, str], n: int = 16,
+                 max_bytes: int | None = None) -> None:
         if not isinstance(n, int) or n < 2:
             raise ValueError(f"NTKCapture(n={n!r}): the probe needs at least 2 samples")
-        self.model, self.n = model, n
+        self.model, self.n, self.max_bytes = model, n, max_bytes
+        self._bytes = 0  # held by this step's captures
         self.names = dict(param_names)
         self._modules: list[tuple[nn.Module, str, str]] = []  # (module, kind, weight name)
         self._params = {id(p): p for p in model.parameters() if id(p) in self.names}
@@ -413,13 +418,31 @@ class NTKCapture:
         self._armed = False
         self._generation += 1  # tensor hooks still pending in old graphs become no-ops
         self._captures, self._errors, self._broadcast = {}, {}, []
-        self._backward_started, self._batch = False, None
+        self._backward_started, self._batch, self._bytes = False, None, 0
+
+    def _keep(self, t: torch.Tensor, name: str) -> torch.Tensor | None:
+        """A detached copy of ``t``'s first n samples, or None (and the layer skipped from
+        now on) when it would take this step's captures past ``max_bytes``."""
+        part = t[: self.n]
+        size = part.numel() * part.element_size()
+        if self.max_bytes is not None and self._bytes + size > self.max_bytes:
+            self.unsupported[name] = (
+                f"NTK skipped: its probe capture would take the step's captures past "
+                f"ntk_max_mb={self.max_bytes / 2**20:g} MB (about n * T * (d_in + d_out) values "
+                "per layer); raise ntk_max_mb, lower ntk_probe or narrow `layers`")
+            for record in self._captures.pop(name, []):  # free what it holds already
+                for held in (record.a, record.delta):
+                    if held is not None:
+                        self._bytes -= held.numel() * held.element_size()
+            return None
+        self._bytes += size
+        return part.detach().clone()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, *,
                     kind: str, name: str, gen: int) -> None:
         try:
-            if gen != self._generation or self._backward_started:
-                return  # a later micro-batch, or a recomputation during backward
+            if gen != self._generation or self._backward_started or name in self.unsupported:
+                return  # a later micro-batch, a recomputation during backward, a skipped layer
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                     and output.requires_grad):
                 return  # evaluation or frozen path: not part of the training gradient
@@ -430,7 +453,10 @@ class NTKCapture:
                 self._batch = x.shape[0]  # the first watched call of the step sets the batch
             if self._broadcast:
                 self._resolve_broadcast(x, gen)
-            record = _Capture(kind, module, x[: self.n].detach().clone(), x.shape[0])
+            kept = self._keep(x, name)
+            if kept is None:
+                return
+            record = _Capture(kind, module, kept, x.shape[0])
             self._captures.setdefault(name, []).append(record)
             if shared:
                 record.broadcast_node = output.grad_fn  # e.g. wpe(arange(T)): see below
@@ -480,7 +506,8 @@ class NTKCapture:
                 else record.broadcast_shape
             if g is None or g.shape[0] != self._batch or tuple(g.shape[1:]) != shared:
                 return
-            record.delta = g[: self.n].detach().clone()
+            if name not in self.unsupported:
+                record.delta = self._keep(g, name)
         except Exception as err:
             self._errors[name] = f"NTK capture failed in backward: {err!r}"
 
@@ -489,8 +516,8 @@ class NTKCapture:
             if gen != self._generation:
                 return
             self._backward_started = True
-            if record.delta is None:  # a second backward through a retained graph is ignored
-                record.delta = grad[: self.n].detach().clone()
+            if record.delta is None and name not in self.unsupported:  # (a second backward
+                record.delta = self._keep(grad, name)  # through a retained graph: ignored)
         except Exception as err:
             self._errors[name] = f"NTK capture failed in backward: {err!r}"
 
