@@ -92,7 +92,8 @@ class Monitor:
         pattern = re.compile(config.layers)
         self.layers = [Layer(name, p, kinds.get(name, "other"), views.has_matrix_view(p))
                        for name, p in model.named_parameters() if pattern.search(name)]
-        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._group_of: dict[int, dict] = {}
+        self._groups_seen = -1  # len(param_groups) when _group_of was built
         self._writer = EventWriter(self.logdir)
         self._ntk = NTKCapture(model, {id(l.param): l.name for l in self.layers
                                       if l.spectral and l.param.requires_grad},
@@ -290,6 +291,9 @@ class Monitor:
             self._ntk.disarm()
 
     def _update_metrics(self, record: StepRecord) -> None:
+        if len(self.optimizer.param_groups) != self._groups_seen:  # add_param_group (unfreezing)
+            self._groups_seen = len(self.optimizer.param_groups)
+            self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         before = self._before
         after = [l.param.detach() for l in self.layers]
         deltas = norms.tensor_norms([a - b for a, b in zip(after, before)])

@@ -599,3 +599,22 @@ def test_ntk_memory_cap_skips_the_layers_past_it_and_says_so_once(tmp_path):
     assert schema.TAG_METRIC_FAILURES not in capped
     with pytest.raises(ValueError, match="ntk_max_mb"):
         MonitorConfig(ntk_max_mb=-1)
+
+
+def test_a_layer_unfrozen_later_with_add_param_group_gets_its_learning_rate(tmp_path):
+    torch.manual_seed(0)
+    model = mlp(4, 6, 2)
+    model[0].requires_grad_(False)  # frozen at first, as in progressive fine-tuning
+    opt = torch.optim.SGD([model[2].weight, model[2].bias], lr=0.1)
+    with monitor.watch(model, opt, tmp_path, every=1, preset="cheap"):
+        for t in range(4):
+            if t == 2:
+                model[0].requires_grad_(True)
+                opt.add_param_group({"params": [model[0].weight, model[0].bias], "lr": 0.01})
+            model(torch.randn(3, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    logged = read_scalars(str(tmp_path))
+    assert logged["lr/0.weight"] == {2: pytest.approx(0.01), 3: pytest.approx(0.01)}
+    assert sorted(logged["grad_norm/0.weight"]) == [2, 3]
+    assert sorted(logged["lr/2.weight"]) == [0, 1, 2, 3]
