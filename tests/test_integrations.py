@@ -65,10 +65,12 @@ def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monk
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "logs"))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
+                             eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
                              report_to=["tensorboard"], save_strategy="no", use_cpu=True,
                              disable_tqdm=True)
     callback = StabilityCallback(every=1, preset="full")
-    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset[:8],
+            callbacks=[callback]).train()
     assert callback.monitor is not None and callback.monitor.step == 4  # optimizer steps
     theirs = read_scalars(str(tmp_path / "logs"))  # the Trainer's own TensorBoard run
     logged = read_scalars(str(tmp_path / "logs" / "stability"))
@@ -76,6 +78,8 @@ def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monk
     assert sorted(logged["train/loss"]) == [0, 1, 2, 3]
     for t in range(4):
         assert logged["train/loss"][t] == pytest.approx(theirs["train/loss"][t + 1])
+    assert sorted(logged["eval/loss"]) == [1, 3]  # evaluated after optimizer steps 2 and 4
+    assert logged["eval/loss"][3] == pytest.approx(theirs["eval/loss"][4])
     # the Trainer logs the norm before its clipping (max_grad_norm=1), we the one applied
     for t in range(4):
         before = theirs["train/grad_norm"][t + 1]

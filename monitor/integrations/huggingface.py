@@ -8,7 +8,8 @@ callback attaches :func:`monitor.watch` to the underlying ``torch.optim`` optimi
 training begins, so a *step* is an optimizer step (gradient accumulation included) and the
 gradients seen are the ones the optimizer applies (after the Trainer's ``max_grad_norm``
 clipping). The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
-``train/loss`` at the optimizer step it was logged after.
+``train/loss``, its evaluation metrics as ``eval/<name>``, at the optimizer step they were
+logged after.
 
 The run directory defaults to a ``stability`` folder inside the Trainer's TensorBoard
 directory when that is known (``args.logging_dir`` in transformers 4,
@@ -59,9 +60,15 @@ class StabilityCallback(WatchSettings, TrainerCallback):
         self._watch(model, unwrap_optimizer(optimizer), logdir, start_step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.monitor is not None and logs and "loss" in logs and state.global_step > 0:
-            # logged after optimizer step global_step - 1 (the monitor counts from 0)
-            self.monitor.log_at(state.global_step - 1, loss=logs["loss"])
+        """The Trainer's training loss as ``train/loss``, its evaluation metrics as
+        ``eval/<name>``, at the optimizer step they were logged after (counted from 0)."""
+        if self.monitor is None or not logs or state.global_step <= 0:
+            return
+        values = {("loss" if key == "loss" else f"eval/{key[5:]}"): value
+                  for key, value in logs.items()
+                  if (key == "loss" or key.startswith("eval_")) and isinstance(value, (int, float))}
+        if values:
+            self.monitor.log_at(state.global_step - 1, **values)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
