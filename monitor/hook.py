@@ -68,6 +68,12 @@ class StepRecord:
     def fail(self, metric: str, layer: str, reason: str) -> None:
         self.failures.append(f"{metric}/{layer}: {reason}")
 
+    def close_failures(self) -> None:
+        """Add the failure count and the text naming each failure, before writing."""
+        if self.failures:
+            self.scalars[schema.TAG_METRIC_FAILURES] = float(len(self.failures))
+            self.texts[schema.TAG_FAILURE_TEXT] = "\n".join(f"- {f}" for f in self.failures)
+
 
 class Monitor:
     """The hook returned by :func:`watch`. Also a context manager; ``close()`` is idempotent."""
@@ -136,9 +142,9 @@ class Monitor:
             return
         own = StepRecord(int(step))
         _add_values(own, values)
+        own.close_failures()
         try:
-            self._writer.write(own.step, own.scalars, {schema.TAG_FAILURE_TEXT: "\n".join(
-                f"- {f}" for f in own.failures)} if own.failures else None)
+            self._writer.write(own.step, own.scalars, own.texts)
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: writing values of step %d failed: %s", step, err)
 
@@ -346,9 +352,7 @@ class Monitor:
         if record is None:
             return
         self._account_own_time(record)
-        if record.failures:
-            record.scalars[schema.TAG_METRIC_FAILURES] = float(len(record.failures))
-            record.texts[schema.TAG_FAILURE_TEXT] = "\n".join(f"- {f}" for f in record.failures)
+        record.close_failures()
         try:
             self._writer.write(record.step, record.scalars, record.texts)
             if self.config.log_system:

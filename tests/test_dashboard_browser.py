@@ -33,7 +33,8 @@ REQUIRED = os.environ.get("REQUIRE_BROWSER_TEST") == "1"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not os.path.exists(CHROMIUM) and not REQUIRED,
-                       reason=f"{CHROMIUM} is absent (apt-get install chromium; .ci/run does)"),
+                       reason=f"{CHROMIUM} is absent: apt-get install chromium. Runs in CI, where "
+                              ".ci/run installs it and REQUIRE_BROWSER_TEST=1 turns this skip into a failure"),
 ]
 
 

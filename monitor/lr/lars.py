@@ -115,6 +115,24 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, coeff: float = 1.
     return 1.0
 
 
+def _call_closure(closure: Any) -> Any:
+    """``step(closure)``: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _with_grads(optimizer: Optimizer, group: dict[str, Any]):
+    """``(p, state, g, w)`` for each tensor of ``group`` with a gradient: ``g`` the gradient
+    and ``w`` the weight, both in float32 for half-precision tensors."""
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        g = p.grad.float() if p.dtype in (torch.float16, torch.bfloat16) else p.grad
+        yield p, optimizer.state[p], g, p.detach().to(g.dtype)
+
+
 class LARS(Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017). See the module docstring.
 
@@ -136,19 +154,11 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            for p, state, g, w in _with_grads(self, group):
                 t = state.get("step", 0)
-                g = p.grad.float() if p.dtype in (torch.float16, torch.bfloat16) else p.grad
-                w = p.detach().to(g.dtype)
                 if _excluded(group, p):
                     d, ratio = g, 1.0
                 else:
@@ -209,18 +219,10 @@ class LAMB(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
             (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                g = p.grad.float() if p.dtype in (torch.float16, torch.bfloat16) else p.grad
-                w = p.detach().to(g.dtype)
+            for p, state, g, w in _with_grads(self, group):
                 if "exp_avg" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(g)
