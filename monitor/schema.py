@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -205,8 +206,8 @@ def _is_int(x: Any) -> bool:
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ControlError(f"{name}: {value!r} is not allowed; expected {allowed}")
+    if not ok:  # reprlib: a 60 kB string or a 400-digit number is shown shortened
+        raise ControlError(f"{name}: {reprlib.repr(value)} is not allowed; expected {allowed}")
 
 
 @dataclass(frozen=True)
