@@ -26,6 +26,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from typing import Any
 
 #: JSON nesting accepted by :func:`load_json` (the files read here nest 2-4 levels)
@@ -115,6 +116,8 @@ def read_bytes(path: str, max_bytes: int, *, follow_symlinks: bool = True) -> by
                 break
             chunks.append(chunk)
             size += len(chunk)
+    except OSError as err:
+        raise RefusedFile(f"cannot read {path}: {err.strerror or err}") from None
     finally:
         os.close(fd)
     if size > max_bytes:  # it grew after fstat
@@ -166,3 +169,31 @@ def load_json(path: str, max_bytes: int, *, follow_symlinks: bool = True,
     """Read, decode and parse a small JSON file safely (FileNotFoundError when absent)."""
     text = decode_text(read_bytes(path, max_bytes, follow_symlinks=follow_symlinks), path)
     return parse_json(text, path, max_depth)
+
+
+def write_text_atomic(path: str, text: str, *, fsync: bool = True, mode: int | None = None
+                      ) -> None:
+    """Replace ``path`` by a regular file holding ``text``, atomically (temp file + rename).
+
+    The temporary file gets a fresh name (``mkstemp``, created exclusively), so a FIFO or a
+    symbolic link planted at a fixed temporary name can neither block the writer nor
+    redirect the write; the rename replaces whatever entry ``path`` was (a link, a FIFO),
+    except a directory (IsADirectoryError). ``fsync=False`` skips the flush to disk (a file
+    rewritten at every logged step, where a lost update costs nothing). The file is private
+    to its owner (``mkstemp``'s 0o600) unless ``mode`` says otherwise.
+    """
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

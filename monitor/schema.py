@@ -13,7 +13,6 @@ import math
 import os
 import re
 import reprlib
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -318,15 +317,5 @@ def write_control(logdir: str | os.PathLike[str], settings: PSSConfig, *,
     version = _next(previous)
     request = _next(request) if smooth_now else request
     content = ControlFile(version=version, settings=settings, smooth_now=request)
-    fd, tmp = tempfile.mkstemp(prefix=".control-", suffix=".tmp", dir=logdir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(content.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    safe_io.write_text_atomic(path, content.to_json())
     return content

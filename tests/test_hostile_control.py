@@ -342,3 +342,20 @@ def test_a_non_finite_smoothing_result_is_never_written(tmp_path, monkeypatch):
     events = "\n".join(read_texts(str(tmp_path))[schema.TAG_PSS_EVENTS + "/text_summary"].values())
     assert "non-finite entries; the weight was kept" in events
     assert len(before) == len(kept)
+
+
+def test_special_files_where_the_job_writes_never_block_it(tmp_path):
+    """run.json was written through ``run.json.tmp``: a FIFO planted there blocked the job
+    at start, and a symbolic link there redirected the write to a file elsewhere."""
+    os.mkfifo(tmp_path / "run.json.tmp")
+    os.mkfifo(tmp_path / schema.RUN_FILENAME)
+    target = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    target.write_text("keep me")
+    os.symlink(target, tmp_path / ".run.json.tmp")
+    model, mon, step = within(20, tiny_job, tmp_path)
+    for _ in range(3):
+        within(20, step)
+    within(20, mon.close)
+    assert json.loads((tmp_path / schema.RUN_FILENAME).read_text())["status"] == "finished"
+    assert target.read_text() == "keep me"
+    assert oct((tmp_path / schema.RUN_FILENAME).stat().st_mode & 0o777) == oct(0o644)
