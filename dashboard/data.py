@@ -49,6 +49,8 @@ TEXT_COLUMNS = ("run", "step", "wall_time", "tag", "text")
 EVENT_GLOB = "events.out.tfevents.*"
 LIVE_SECONDS = 120.0  # a running job that wrote nothing for this long is "stale"
 MAX_RUN_FILE_BYTES = 8 * 2**20  # run.json: layer names and settings, a few kB to a few 100 kB
+READ_CHUNK = 64 * 2**20  # event-file bytes held at once: a huge or hostile file costs no more
+MAX_RECORD_BYTES = 256 * 2**20  # a larger record is taken as corrupt (ours are a few kB)
 _HEADER = 12  # uint64 length + uint32 crc
 _FOOTER = 4  # uint32 crc of the payload
 
@@ -197,17 +199,41 @@ class RunReader:
             return new
 
     def _read_file(self, state: _FileState) -> int:
+        """Parse what was appended to one file, ``READ_CHUNK`` bytes at a time."""
+        events = 0
         try:  # regular files only: a FIFO would block, /dev/zero never ends
             fd, _ = safe_io.open_regular(state.path)
             with os.fdopen(fd, "rb") as fh:
-                fh.seek(state.offset)
-                data = fh.read()
+                size = READ_CHUNK
+                while True:
+                    fh.seek(state.offset)
+                    data = fh.read(size)
+                    new, used = self._parse(state, data)
+                    events += new
+                    if state.error is not None or len(data) < size:
+                        return events
+                    size = READ_CHUNK if used else self._whole_record(state, data)
+                    if not size:
+                        return events
         except safe_io.RefusedFile as err:
             state.error = str(err)
-            return 0
         except OSError as err:
             state.error = f"cannot read {state.path}: {err}"
+        return events
+
+    @staticmethod
+    def _whole_record(state: _FileState, data: bytes) -> int:
+        """Bytes of the record at the start of ``data`` when it is longer than a chunk;
+        0 (and the file marked corrupt) when longer than any event."""
+        (length,) = struct.unpack("<Q", data[:8])
+        if length + _HEADER + _FOOTER > MAX_RECORD_BYTES:
+            state.error = (f"{os.path.basename(state.path)} is corrupt at byte {state.offset}: "
+                           f"a record of {length:,} bytes, more than {MAX_RECORD_BYTES:,}")
             return 0
+        return length + _HEADER + _FOOTER
+
+    def _parse(self, state: _FileState, data: bytes) -> tuple[int, int]:
+        """Parse the records in ``data`` (read at ``state.offset``); ``(events, bytes used)``."""
         self._reading = state.index
         steps: list[int] = []
         walls: list[float] = []
@@ -253,7 +279,7 @@ class RunReader:
             self._chunks.append((step_rows, np.repeat(np.asarray(walls, np.float64), counts),
                                  np.concatenate(codes), np.concatenate(values),
                                  np.full(len(step_rows), state.index, np.int32)))
-        return events
+        return events, pos
 
     def _collect(self, event: Event):
         """``(wall_time, step, codes, values, scalars_only)`` of an event's summary (texts

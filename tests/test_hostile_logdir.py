@@ -142,3 +142,40 @@ def test_a_file_given_as_the_log_directory_is_named_as_such(tmp_path, monkeypatc
     at = open_app(afile, monkeypatch)
     assert "is a file, not a directory" in texts(at.error)
     assert "does not exist" not in texts(at.warning)
+
+
+def test_event_files_are_read_in_bounded_chunks_with_the_same_result(tmp_path, monkeypatch):
+    write_run(str(tmp_path / "run"), steps=30)
+    whole = data.RunReader(str(tmp_path / "run"))
+    whole.refresh()
+    monkeypatch.setattr(data, "READ_CHUNK", 100)  # smaller than most records
+    chunked = data.RunReader(str(tmp_path / "run"))
+    chunked.refresh()
+    assert chunked.table().equals(whole.table()) and chunked.texts().equals(whole.texts())
+    assert not chunked.errors and chunked.pending_bytes == 0
+
+
+def test_a_huge_event_file_costs_one_chunk_of_memory(tmp_path):
+    """A 1 GiB file of zeros was read whole (and /dev/zero until MemoryError)."""
+    import struct
+    import tracemalloc
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    run = tmp_path / "run"
+    write_run(str(run), steps=3)
+    with open(run / f"{EVENTS}9000000001.zeros", "wb") as fh:
+        fh.truncate(2**30)  # sparse: no disk
+    header = struct.pack("<Q", 2**40)  # a valid header claiming a 1 TiB record
+    with open(run / f"{EVENTS}9000000002.claim", "wb") as fh:
+        fh.write(header + struct.pack("<I", masked_crc32c(header)))
+        fh.truncate(data.READ_CHUNK + 2**20)
+    reader = data.RunReader(str(run))
+    tracemalloc.start()
+    within(30, reader.refresh)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * data.READ_CHUNK, peak
+    problems = "\n".join(reader.errors)
+    assert "zeros is corrupt at byte 0" in problems and "more than 268,435,456" in problems
+    assert not reader.table().empty
