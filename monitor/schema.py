@@ -218,7 +218,7 @@ class ControlFile:
     applied last, so a recreated file starting again at 1 is taken too, and acknowledges the
     version (tag ``pss/control_version``, exact up to ``MAX_VERSION``, and a text line
     under ``pss/control``). ``smooth_now`` is a request id: the job smooths once for each
-    change of the id to a non-zero value.
+    change of the id to a non-zero value, and for a non-zero id in a file written anew.
     """
 
     version: int
@@ -284,7 +284,8 @@ def _legible_numbers(path: str) -> tuple[int, int]:
     text = data.decode("utf-16" if utf16 else "utf-8", errors="replace")
     found = [re.search(rf'"{key}"\s*:\s*(\d{{1,9}})\b', text)
              for key in ("version", "smooth_now")]
-    return tuple(min(int(f.group(1)), MAX_VERSION) if f else 0 for f in found)  # type: ignore
+    version, request = (min(int(f.group(1)), MAX_VERSION) if f else 0 for f in found)
+    return version, request
 
 
 def _next(count: int) -> int:

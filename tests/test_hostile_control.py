@@ -281,7 +281,7 @@ def test_a_hostile_file_mid_run_is_reported_once_and_the_settings_stay(tmp_path,
 def test_versions_restarted_after_deletion_are_applied_and_acknowledged(tmp_path):
     model, mon, step = tiny_job(tmp_path)
     write_control(tmp_path, PSSConfig(tau=3.0))  # version 2
-    write_control(tmp_path, PSSConfig(tau=4.0))  # version 3
+    write_control(tmp_path, PSSConfig(tau=4.0), smooth_now=True)  # version 3, request 1
     for _ in range(6):
         step()
     os.unlink(tmp_path / schema.CONTROL_FILENAME)
@@ -295,7 +295,8 @@ def test_versions_restarted_after_deletion_are_applied_and_acknowledged(tmp_path
     scalars = read_scalars(str(tmp_path))
     assert scalars[schema.TAG_PSS_TAU][20] == 5.0
     assert scalars[schema.TAG_PSS_CONTROL_VERSION][20] == 1.0
-    assert scalars[schema.TAG_PSS_INTERVENTION][15] == 1.0  # the smooth-now request was taken
+    fired = [s for s, v in scalars[schema.TAG_PSS_INTERVENTION].items() if v == 1.0]
+    assert fired == [0, 15]  # request 1, then request 1 again in the file written anew
     assert "lower than 3" in control_notes(tmp_path)
 
 

@@ -81,13 +81,15 @@ class ControlWatcher:
         return self._accept(content) if content is not None else None
 
     def _accept(self, content: ControlFile) -> ControlUpdate | None:
-        smooth_now = content.smooth_now != self.smooth_now_seen and content.smooth_now > 0
+        restarted = content.version < self.version  # written anew: its request ids too
+        smooth_now = content.smooth_now > 0 and (content.smooth_now != self.smooth_now_seen
+                                                 or restarted)
         self.smooth_now_seen = content.smooth_now
         new = (content.version, content.settings) != (self.version, self.settings)
         if not new and not smooth_now:
             return None  # the same content written again (or touched)
         note = None
-        if new and content.version < self.version:
+        if new and restarted:
             note = (f"version {content.version} is lower than {self.version}, applied last: "
                     "control.json was written anew, its versions start again")
         elif new and content.version == self.version:
