@@ -1,11 +1,14 @@
 """The dashboard: every layer's stability live, and PSS steered from the browser.
 
-    streamlit run dashboard/app.py -- --logdir runs
+    streamlit run dashboard/app.py -- --logdir runs    # from the repository
+    stability-dashboard --logdir runs                  # installed (dashboard.cli): the same
 
 The log directory comes from ``--logdir``, else the environment variable ``MONITOR_LOGDIR``,
-else ``./runs``. The app binds to 127.0.0.1 (``.streamlit/config.toml``); to reach it from
-another machine pass ``--server.address 0.0.0.0`` (anyone who can reach the port can then
-change the PSS settings of your runs: prefer an SSH tunnel).
+else ``./runs``. The app binds to 127.0.0.1 from any working directory
+(``dashboard/.streamlit/config.toml``, read next to this file); to reach it from another
+machine pass ``--server.address 0.0.0.0`` (anyone who can reach the port can then change the
+PSS settings of your runs: prefer an SSH tunnel). Started listening on every interface
+without asking, it shows nothing but how to restart it (``dashboard.bind.guard``).
 
 Data flow: cached readers (``dashboard.data``, one per run, reading only new events) ->
 cached transforms (``dashboard.charts``, ``dashboard.alerts``) -> render. The only file the
@@ -28,8 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
     sys.path.insert(0, ROOT)
 
-from dashboard import alerts, charts, data  # noqa: E402
+from dashboard import alerts, bind, charts, data  # noqa: E402
 from monitor import schema  # noqa: E402
+
+bind.guard()  # before anything is shown: never on every interface by accident
 
 VIEWS = ("Overview", "Layers", "Learning rates", "PSS control")
 MAX_ALERT_LINES = 8  # alerts spelled out above the table

@@ -1,0 +1,103 @@
+"""Where the dashboard listens, and the rule that keeps it off the network by accident.
+
+The PSS form writes ``control.json`` into running jobs: anyone who can reach the port can
+change a job's settings (and read its metrics). So the dashboard listens on 127.0.0.1 unless
+the user asks for more, however it was started:
+
+- ``stability-dashboard`` and ``python -m dashboard`` (``dashboard.cli``) always pass
+  ``--server.address`` (127.0.0.1; ``--host`` changes it);
+- ``streamlit run dashboard/app.py`` from the repository root reads
+  ``.streamlit/config.toml`` (127.0.0.1);
+- ``streamlit run path/to/app.py`` from any other directory leaves ``server.address`` unset
+  (Streamlit reads ``.streamlit/config.toml`` from the working directory and ``~/.streamlit``
+  only), and Streamlit then listens on every interface. The page refuses to show anything
+  (:func:`guard`) and prints how to restart it bound to this machine.
+
+An address set explicitly (``--server.address``, ``STREAMLIT_SERVER_ADDRESS``, a config
+file) is the user's opt-in and is obeyed, with a warning when it is not a loopback address.
+This module imports streamlit only inside :func:`guard`, so the command line can explain a
+missing ``dashboard`` extra.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import shlex
+import socket
+import sys
+
+LOCAL = "127.0.0.1"
+_told: set[str] = set()  # terminal messages already printed by this server process
+
+
+@functools.lru_cache(maxsize=32)
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0].split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def exposure(address: str | None) -> str:
+    """``"unset"`` (None or ``""``: Streamlit listens on all interfaces), ``"local"`` or
+    ``"exposed"`` (an explicit address other machines may reach)."""
+    if not address:
+        return "unset"
+    return "local" if is_loopback(address) else "exposed"
+
+
+def exposed_warning(host: str, port: int) -> str:
+    """What a user who binds to a non-loopback address must know."""
+    return (f"the dashboard listens on {host}:{port}: anyone who can reach this port can read "
+            "your runs and change the PSS settings of running jobs (the PSS form writes their "
+            "control.json). Do this on a trusted network only; an SSH tunnel keeps it private: "
+            f"ssh -L {port}:127.0.0.1:{port} <this host>, then open http://127.0.0.1:{port}")
+
+
+def refusal(port: int, app_args: list[str]) -> str:
+    """The page's message when Streamlit listens on every interface without being asked to."""
+    args = " ".join(shlex.quote(a) for a in app_args)
+    app = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
+    return (
+        "**Not shown: this dashboard listens on every network interface.** It was started "
+        "without `--server.address` (Streamlit reads `.streamlit/config.toml` only from the "
+        f"directory it is started in), so anyone who can reach port {port} could read your runs "
+        "and change the PSS settings of running jobs. Stop it (Ctrl-C) and start it bound to "
+        "this machine:\n\n"
+        f"```\nstability-dashboard {args} --port {port}\n```\n\nor\n\n"
+        f"```\nstreamlit run {shlex.quote(app)} --server.address 127.0.0.1 --server.port {port}"
+        f" -- {args}\n```\n\n"
+        "To expose it on purpose (a trusted network only; an SSH tunnel is safer), pass "
+        "`--host 0.0.0.0` to `stability-dashboard` or `--server.address 0.0.0.0` to "
+        "`streamlit run`.")
+
+
+def _tell_once(key: str, text: str) -> None:
+    """Print to the terminal that started the server, once per process (the page reruns)."""
+    if key not in _told:
+        _told.add(key)
+        print(f"stability-monitor dashboard: {text}", file=sys.stderr, flush=True)
+
+
+def guard() -> None:
+    """First thing on the page: stop it when Streamlit listens on every interface by
+    accident; warn in the sidebar when it was exposed on purpose."""
+    import streamlit as st
+
+    address = st.get_option("server.address")
+    port = int(st.get_option("server.port"))
+    state = exposure(address)
+    if state == "unset":
+        text = refusal(port, sys.argv[1:])
+        _tell_once("unset", text.replace("**", "").replace("```", ""))
+        st.error(text)
+        st.stop()
+    elif state == "exposed":
+        text = exposed_warning(address, port)
+        _tell_once("exposed", text)
+        st.sidebar.warning(text[0].upper() + text[1:])
