@@ -6,12 +6,13 @@ the user asks for more, however it was started:
 
 - ``stability-dashboard`` and ``python -m dashboard`` (``dashboard.cli``) always pass
   ``--server.address`` (127.0.0.1; ``--host`` changes it);
-- ``streamlit run dashboard/app.py`` from the repository root reads
-  ``.streamlit/config.toml`` (127.0.0.1);
-- ``streamlit run path/to/app.py`` from any other directory leaves ``server.address`` unset
-  (Streamlit reads ``.streamlit/config.toml`` from the working directory and ``~/.streamlit``
-  only), and Streamlit then listens on every interface. The page refuses to show anything
-  (:func:`guard`) and prints how to restart it bound to this machine.
+- ``streamlit run path/to/dashboard/app.py``, from any working directory, reads
+  ``dashboard/.streamlit/config.toml`` beside the script (Streamlit >= 1.46; packaged with
+  the app), which says 127.0.0.1;
+- should ``server.address`` still be unset (an older Streamlit reads config files from the
+  working directory and ``~/.streamlit`` only; an ASGI launcher skips the script's config),
+  Streamlit listens on every interface: then the page shows nothing (:func:`guard`) but how
+  to restart it bound to this machine.
 
 An address set explicitly (``--server.address``, ``STREAMLIT_SERVER_ADDRESS``, a config
 file) is the user's opt-in and is obeyed, with a warning when it is not a loopback address.
@@ -61,17 +62,18 @@ def exposed_warning(host: str, port: int) -> str:
 
 def refusal(port: int, app_args: list[str]) -> str:
     """The page's message when Streamlit listens on every interface without being asked to."""
-    args = " ".join(shlex.quote(a) for a in app_args)
-    app = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
+    args = [shlex.quote(a) for a in app_args]
+    app = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py"))
+    ours = " ".join(["stability-dashboard", *args, "--port", str(port)])
+    theirs = " ".join(["streamlit run", app, "--server.address 127.0.0.1",
+                       f"--server.port {port}", *(["--", *args] if args else [])])
     return (
-        "**Not shown: this dashboard listens on every network interface.** It was started "
-        "without `--server.address` (Streamlit reads `.streamlit/config.toml` only from the "
-        f"directory it is started in), so anyone who can reach port {port} could read your runs "
-        "and change the PSS settings of running jobs. Stop it (Ctrl-C) and start it bound to "
-        "this machine:\n\n"
-        f"```\nstability-dashboard {args} --port {port}\n```\n\nor\n\n"
-        f"```\nstreamlit run {shlex.quote(app)} --server.address 127.0.0.1 --server.port {port}"
-        f" -- {args}\n```\n\n"
+        "**Not shown: this dashboard listens on every network interface.** No address was "
+        "set (no `--server.address`, and no config file Streamlit read says one; "
+        "`dashboard/.streamlit/config.toml` is read by Streamlit 1.46 and later), so anyone "
+        f"who can reach port {port} could read your runs and change the PSS settings of "
+        "running jobs. Stop it (Ctrl-C) and start it bound to this machine:\n\n"
+        f"```\n{ours}\n```\n\nor\n\n```\n{theirs}\n```\n\n"
         "To expose it on purpose (a trusted network only; an SSH tunnel is safer), pass "
         "`--host 0.0.0.0` to `stability-dashboard` or `--server.address 0.0.0.0` to "
         "`streamlit run`.")

@@ -4,11 +4,11 @@
     python -m dashboard --logdir runs          # the same
 
 It checks the log directory and the port first (a clear message and exit code 2 instead of
-a traceback), prints the URL, then runs Streamlit in this process (so the printed URL's
-server has this process's id) with the settings of the repository's
-``.streamlit/config.toml``, which is not in the wheel. It always passes
-``--server.address``: 127.0.0.1 by default from any working directory; ``--host`` is the
-explicit opt-in to listen on other interfaces, with a warning (see ``dashboard.bind``).
+a traceback), prints the URL, then runs Streamlit in this process (so the server has this
+process's id) on the packaged ``dashboard/app.py``, whose ``.streamlit/config.toml`` beside
+it sets the rest. It always passes ``--server.address``: 127.0.0.1 by default from any
+working directory; ``--host`` is the explicit opt-in to listen on other interfaces, with a
+warning (see ``dashboard.bind``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ import sys
 
 from dashboard import bind
 
-# Same as .streamlit/config.toml (not packaged), plus no file watcher: an installed app's
-# source does not change while it runs.
-STREAMLIT_FLAGS = {
-    "server.headless": "true",
-    "browser.gatherUsageStats": "false",
-    "client.toolbarMode": "minimal",
-    "server.fileWatcherType": "none",
-}
+# Beyond dashboard/.streamlit/config.toml: no file watcher, as an installed app's source does
+# not change while it runs.
+STREAMLIT_FLAGS = {"server.fileWatcherType": "none"}
 
 
 class LaunchError(Exception):
