@@ -3,9 +3,10 @@
 
 Offline: the wheel is built by setuptools' PEP 517 hook in this interpreter (no build
 isolation, nothing downloaded) and installed with ``--no-deps --no-index``; the new environment reuses this interpreter's
-packages (torch, streamlit) through a ``.pth`` file listing its site-packages as plain
-paths, so no ``.pth`` of theirs runs there (an editable install of this repository stays
-invisible). PYTHONPATH is removed, so ``monitor`` and ``dashboard`` come from the wheel.
+packages (torch, streamlit) through a ``.pth`` file listing its import path as plain
+directories, so no ``.pth`` of theirs runs there (an editable install of this repository
+stays invisible). PYTHONPATH is removed, and the test checks that ``monitor`` and
+``dashboard`` were imported from the wheel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -73,12 +73,12 @@ def build_wheel(out: str) -> str:
     return os.path.join(dist, wheel)
 
 
-def reused_site_packages() -> list[str]:
-    """Where this interpreter's packages are (its venv's, the base's, the user's)."""
-    found = site.getsitepackages()
-    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
-        found.append(site.getusersitepackages())
-    return found
+def reused_paths() -> list[str]:
+    """This interpreter's import path (torch, streamlit, ... however they got there) without
+    the repository itself. The new venv appends them after its own site-packages, so its
+    ``monitor`` and ``dashboard`` are the wheel's whatever else the path holds."""
+    root = os.path.realpath(ROOT)
+    return [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != root]
 
 
 def make_venv(path: str, wheel: str) -> str:
@@ -90,7 +90,7 @@ def make_venv(path: str, wheel: str) -> str:
                               "'purelib'))"], check=True, capture_output=True, text=True,
                              env=clean_env()).stdout.strip()
     with open(os.path.join(purelib, "zz_reuse_test_interpreter.pth"), "w") as fh:
-        fh.write("\n".join(reused_site_packages()) + "\n")
+        fh.write("\n".join(reused_paths()) + "\n")
     # pip is this interpreter's (seen through the .pth); -I: never touch an installation
     # outside the new environment (this repository's editable one is visible from there)
     subprocess.run([python, "-m", "pip", "install", "-q", "-I", "--no-deps", "--no-index",
