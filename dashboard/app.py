@@ -34,8 +34,6 @@ if ROOT not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard
 from dashboard import alerts, bind, charts, data  # noqa: E402
 from monitor import schema  # noqa: E402
 
-bind.guard()  # before anything is shown: never on every interface by accident
-
 VIEWS = ("Overview", "Layers", "Learning rates", "PSS control")
 MAX_ALERT_LINES = 8  # alerts spelled out above the table
 
@@ -46,6 +44,9 @@ def logdir_setting(argv: list[str] | None = None) -> str:
     parser.add_argument("--logdir", default=None)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return args.logdir or os.environ.get("MONITOR_LOGDIR") or "runs"
+
+
+bind.guard(logdir_setting())  # before anything is shown: never on every interface by accident
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,23 +60,23 @@ def exposed_warning(host: str, port: int) -> str:
             f"ssh -L {port}:127.0.0.1:{port} <this host>, then open http://127.0.0.1:{port}")
 
 
-def refusal(port: int, app_args: list[str]) -> str:
-    """The page's message when Streamlit listens on every interface without being asked to."""
-    args = [shlex.quote(a) for a in app_args]
+def refusal(port: int, logdir: str) -> tuple[str, list[str], str]:
+    """The page's message when Streamlit listens on every interface without being asked to:
+    (why, the commands that restart it bound to this machine, how to expose it on purpose)."""
+    args = ["--logdir", shlex.quote(os.path.abspath(logdir))]
     app = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py"))
     ours = " ".join(["stability-dashboard", *args, "--port", str(port)])
     theirs = " ".join(["streamlit run", app, "--server.address 127.0.0.1",
-                       f"--server.port {port}", *(["--", *args] if args else [])])
-    return (
-        "**Not shown: this dashboard listens on every network interface.** No address was "
-        "set (no `--server.address`, and no config file Streamlit read says one; "
-        "`dashboard/.streamlit/config.toml` is read by Streamlit 1.46 and later), so anyone "
-        f"who can reach port {port} could read your runs and change the PSS settings of "
-        "running jobs. Stop it (Ctrl-C) and start it bound to this machine:\n\n"
-        f"```\n{ours}\n```\n\nor\n\n```\n{theirs}\n```\n\n"
-        "To expose it on purpose (a trusted network only; an SSH tunnel is safer), pass "
-        "`--host 0.0.0.0` to `stability-dashboard` or `--server.address 0.0.0.0` to "
-        "`streamlit run`.")
+                       f"--server.port {port}", "--", *args])
+    why = ("**Not shown: this dashboard listens on every network interface.** No address was "
+           "set (no `--server.address`, and no config file Streamlit read says one; "
+           "`dashboard/.streamlit/config.toml` is read by Streamlit 1.46 and later), so anyone "
+           f"who can reach port {port} could read your runs and change the PSS settings of "
+           "running jobs. Stop it (Ctrl-C) and start it bound to this machine, with either:")
+    opt_in = ("To expose it on purpose (a trusted network only; an SSH tunnel is safer), pass "
+              "`--host 0.0.0.0` to `stability-dashboard` or `--server.address 0.0.0.0` to "
+              "`streamlit run`.")
+    return why, [ours, theirs], opt_in
 
 
 def _tell_once(key: str, text: str) -> None:
@@ -86,18 +86,22 @@ def _tell_once(key: str, text: str) -> None:
         print(f"stability-monitor dashboard: {text}", file=sys.stderr, flush=True)
 
 
-def guard() -> None:
+def guard(logdir: str) -> None:
     """First thing on the page: stop it when Streamlit listens on every interface by
-    accident; warn in the sidebar when it was exposed on purpose."""
+    accident (saying how to restart it on ``logdir``); warn in the sidebar when it was
+    exposed on purpose."""
     import streamlit as st
 
     address = st.get_option("server.address")
     port = int(st.get_option("server.port"))
     state = exposure(address)
     if state == "unset":
-        text = refusal(port, sys.argv[1:])
-        _tell_once("unset", text.replace("**", "").replace("```", ""))
-        st.error(text)
+        why, commands, opt_in = refusal(port, logdir)
+        _tell_once("unset", "\n    ".join([why.replace("**", ""), *commands, opt_in]))
+        st.error(why)
+        for command in commands:
+            st.code(command, language="bash", wrap_lines=True)
+        st.info(opt_in)
         st.stop()
     elif state == "exposed":
         text = exposed_warning(address, port)

@@ -104,6 +104,14 @@ def test_host_is_the_opt_in_and_warns(tmp_path, capsys, launched):
     assert "--server.address=0.0.0.0" in launched[0]
 
 
+def test_without_the_dashboard_extra_it_says_what_to_install(tmp_path, capsys, launched,
+                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "streamlit", None)  # import streamlit -> ImportError
+    assert cli.main(["--logdir", str(tmp_path)]) == 2
+    assert "pip install 'stability-monitor[dashboard]'" in capsys.readouterr().err
+    assert not launched
+
+
 def test_logdir_defaults_to_the_environment(tmp_path, capsys, launched, monkeypatch):
     monkeypatch.setenv("MONITOR_LOGDIR", str(tmp_path))
     assert cli.main(["--port", str(free_port())]) == 0
@@ -154,8 +162,10 @@ def test_app_on_every_interface_by_accident_shows_nothing_but_how_to_bind(
     at = app_on(tmp_path, monkeypatch)
     (error,) = at.error
     assert "listens on every network interface" in error.value
-    assert "--server.address 127.0.0.1" in error.value and "stability-dashboard" in error.value
-    assert "--server.address 0.0.0.0" in error.value  # the opt-in, spelled out
+    ours, theirs = (code.value for code in at.code)
+    assert ours == f"stability-dashboard --logdir {tmp_path} --port 8501"
+    assert theirs.startswith(f"streamlit run {APP} --server.address 127.0.0.1")
+    assert "--server.address 0.0.0.0" in at.info[0].value  # the opt-in, spelled out
     assert not at.sidebar.radio and not at.get("plotly_chart") and not at.button
     assert not at.sidebar.multiselect  # no run names either
 

@@ -152,7 +152,7 @@ def test_installed_command_serves_a_run_on_loopback_from_outside_the_repo(instal
         # the packaged dashboard/.streamlit/config.toml was read (gatherUsageStats = false)
         assert "Collecting usage statistics" not in text, text
         proc.terminate()  # SIGTERM to the command's own pid: Streamlit runs in that process
-        proc.wait(timeout=20)
+        assert proc.wait(timeout=20) == 0  # a clean stop, like Ctrl-C
         if has_proc_net():
             assert not listening_addresses(port)
     finally:
