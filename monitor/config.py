@@ -33,6 +33,8 @@ class MonitorConfig:
     log_system: bool = True  # write run.json (status, layer order) for the dashboard
     warn_overhead: float = 0.1  # warn once when the monitor takes more than this share of
     #                             wall time between two logged steps (0: never warn)
+    dist_timeout_s: float = 300.0  # torch.distributed: seconds a collective of the monitor
+    #                                waits for the other ranks (a dead rank cannot hang it)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -57,6 +59,9 @@ class MonitorConfig:
         if not (isinstance(self.warn_overhead, (int, float)) and not isinstance(self.warn_overhead, bool)
                 and 0 <= self.warn_overhead):
             raise bad("warn_overhead", "a number >= 0 (0: never warn)")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and not isinstance(self.dist_timeout_s, bool)
+                and self.dist_timeout_s > 0):
+            raise bad("dist_timeout_s", "a number of seconds > 0")
         try:
             re.compile(self.layers)
         except (re.error, TypeError) as err:

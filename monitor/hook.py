@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from monitor import safe_io, schema
 from monitor.config import MonitorConfig
-from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
+from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk import NTKCapture
 from monitor.schema import PSSConfig, layer_tag
@@ -100,9 +100,11 @@ class Monitor:
                        for name, p in model.named_parameters() if pattern.search(name)]
         self._group_of: dict[int, dict] = {}
         self._groups_seen = -1  # len(param_groups) when _group_of was built
-        self._writer = EventWriter(self.logdir)
-        self._ntk = NTKCapture(model, {id(l.param): l.name for l in self.layers
-                                      if l.spectral and l.param.requires_grad},
+        self.rank, self._dist = self._start_distributed()  # SPEC 7: every rank works, rank 0 writes
+        self._writer = EventWriter(self.logdir) if self.rank == 0 else NullWriter()
+        self._ntk = NTKCapture(model, self._dist.owned_names() if self._dist else
+                               {id(l.param): l.name for l in self.layers
+                                if l.spectral and l.param.requires_grad},
                                n=config.ntk_probe,
                                max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
@@ -111,6 +113,19 @@ class Monitor:
         self._write_header()
         if config.ntk_at(start_step):
             self._ntk.arm()
+
+    def _start_distributed(self):
+        """``(rank, DistributedMetrics or None)``: in a torch.distributed job every rank
+        computes its share of the metrics (``monitor.collectors``); rank 0 alone writes."""
+        rank, world = rank_and_world_size()
+        if world == 1:
+            return 0, None
+        from monitor.collectors import DistributedMetrics
+
+        if rank != 0:  # run.json is rank 0's
+            self.config = replace(self.config, log_system=False)
+        comm = Comm(self.config.dist_timeout_s)
+        return rank, DistributedMetrics(self.layers, comm, self.config, StepRecord, self.model)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -202,7 +217,10 @@ class Monitor:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                if logged:
+                if logged and self._dist is not None:
+                    self._grad_norms = self._dist.pre_step(
+                        record, t, self._ntk_metrics if self._ntk.armed else None)
+                elif logged:
                     self._grad_metrics(record)
                     self._spectral_metrics(record, sje=self.config.sje_at(t))
                 if self._ntk.armed:
@@ -210,7 +228,8 @@ class Monitor:
                 if self._pss is not None:  # may smooth weights: copy them afterwards
                     record = self._pss_step(t, record)
                 if record is not None:
-                    self._before = [l.param.detach().clone() for l in self.layers]
+                    self._before = (self._dist.snapshot() if self._dist is not None else
+                                    [l.param.detach().clone() for l in self.layers])
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: step %d pre-step metrics failed: %s", t, err, exc_info=True)
             if record is not None:
@@ -301,9 +320,12 @@ class Monitor:
             self._groups_seen = len(self.optimizer.param_groups)
             self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         before = self._before
-        after = [l.param.detach() for l in self.layers]
-        deltas = norms.tensor_norms([a - b for a, b in zip(after, before)])
-        pnorms = norms.tensor_norms(before)
+        if self._dist is not None:
+            deltas, pnorms = self._dist.update_norms(before)
+        else:
+            after = [l.param.detach() for l in self.layers]
+            deltas = norms.tensor_norms([a - b for a, b in zip(after, before)])
+            pnorms = norms.tensor_norms(before)
         for layer, delta, pnorm in zip(self.layers, deltas, pnorms):
             name = layer.name
             record.scalars[layer_tag("param_norm", name)] = pnorm
@@ -322,6 +344,8 @@ class Monitor:
         if record is not None:
             global_norm = record.scalars[schema.TAG_GLOBAL_GRAD_NORM]
             layer_norms = self._grad_norms
+        elif self._dist is not None:  # the whole tensors' norms, equal on every rank
+            global_norm, layer_norms = self._dist.grad_norms()
         else:
             gnorms = norms.tensor_norms(grads) if self._pss.wants_layer_norms else None
             global_norm = norms.global_norm(gnorms) if gnorms else norms.global_grad_norm(grads)
@@ -344,8 +368,14 @@ class Monitor:
     def _make_pss(self, pss: PSSConfig, kinds: dict[str, str]):
         from monitor.pss.controller import PSSController
 
-        return PSSController(pss, self.model, self.optimizer, self.logdir,
-                             named_params=[(l.name, l.param) for l in self.layers], kinds=kinds)
+        named = [(l.name, l.param) for l in self.layers]
+        if self._dist is not None:
+            from monitor.pss.distributed import DistributedPSSController
+
+            return DistributedPSSController(pss, self.model, self.optimizer, self.logdir,
+                                            named_params=named, kinds=kinds, **self._dist.pss_args())
+        return PSSController(pss, self.model, self.optimizer, self.logdir, named_params=named,
+                             kinds=kinds)
 
     def _flush_record(self) -> None:
         record, self._record = self._record, None
@@ -394,10 +424,13 @@ class Monitor:
         self._write_run_file("running")
 
     def _run_info(self) -> dict[str, Any]:
-        return {"monitor": self.config.to_dict(),
+        info = {"monitor": self.config.to_dict(),
                 "pss": self._pss_config_dict(),
                 "optimizer": type(self.optimizer).__name__,
                 "model": type(self.model).__name__}
+        if getattr(self, "_dist", None) is not None:
+            info["distributed"] = self._dist.describe()
+        return info
 
     def _pss_config_dict(self) -> dict[str, Any] | None:
         pss = getattr(self, "_pss", None)
@@ -438,7 +471,7 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
-          pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor | InactiveMonitor:
+          pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor:
     """Attach the monitor to ``model`` and ``optimizer``; returns the :class:`Monitor`.
 
     Args:
@@ -452,9 +485,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
             steps continue the earlier run's and the schedule stays aligned with it; PSS
             detection warms up again (its moving average is not in the checkpoint).
 
-    In a ``torch.distributed`` job (DDP) only rank 0 monitors and writes; other ranks get an
-    :class:`InactiveMonitor`. PSS is refused there (every rank would have to smooth, and
-    read the control file, at the same step).
+    In a ``torch.distributed`` job (DDP, FSDP2) call it on every rank: each rank computes a
+    share of the metrics of the whole tensors, rank 0 alone writes; PSS decides once for
+    all ranks and smooths every replica or shard alike (README, "Distributed training").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"watch(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -475,13 +508,6 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     elif pss is not None and not isinstance(pss, PSSConfig):
         raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
     model = unwrap_model(model)
-    rank, world = rank_and_world_size()
-    if world > 1 and pss is not None:
-        raise ValueError(f"watch(pss=...): PSS is not supported in a torch.distributed job (world "
-                         f"size {world}): smoothing and live control would have to act at the "
-                         "same step on every rank. Monitor without pss, or run PSS in one process.")
-    if rank != 0:
-        return InactiveMonitor(optimizer, rank, start_step)
     if logdir is None:
         logdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step)

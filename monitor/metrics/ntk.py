@@ -585,5 +585,7 @@ class NTKCapture:
         for pid, pname in self.names.items():
             param = self._params.get(pid)
             if pname == name and param is not None and param.grad is not None:
-                return bool(param.grad.detach().abs().max() > 0)
+                grad = param.grad.detach()
+                grad = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's shard
+                return grad.numel() == 0 or bool(grad.abs().max() > 0)
         return False

@@ -143,14 +143,7 @@ class PSSController:
         lines = []
         for name, p, kind in layers:
             try:
-                M = views.matrix_view(p.detach(), kind)
-                M_new, info = smooth_matrix(M, cfg.method, k_min=cfg.k_min, k_max=cfg.k_max, **params)
-                W_new = weight_from_matrix(M_new, p, kind)
-                if not torch.isfinite(W_new).all():  # never write NaN/inf into the model
-                    raise ValueError("the smoothed weight has non-finite entries; "
-                                     "the weight was kept")
-                with torch.no_grad():
-                    p.copy_(W_new)
+                info = self._smooth_layer(name, p, kind, params)
                 if cfg.reset_optimizer_state:
                     reset_optimizer_state(self.optimizer, p)
             except Exception as err:
@@ -168,6 +161,19 @@ class PSSController:
                 f"{len(layers)} layer(s) in {ms:.0f} ms")
         result.say(schema.TAG_PSS_EVENTS, "\n".join([head, *lines]))
         log.info(head)
+
+    def _smooth_layer(self, name: str, p: nn.Parameter, kind: str, params: dict) -> dict[str, float]:
+        """Smooth one weight in place; returns ``smooth_matrix``'s info (the distributed
+        controller gathers a sharded weight here, ``monitor.pss.distributed``)."""
+        cfg = self.config
+        M = views.matrix_view(p.detach(), kind)
+        M_new, info = smooth_matrix(M, cfg.method, k_min=cfg.k_min, k_max=cfg.k_max, **params)
+        W_new = weight_from_matrix(M_new, p, kind)
+        if not torch.isfinite(W_new).all():  # never write NaN/inf into the model
+            raise ValueError("the smoothed weight has non-finite entries; the weight was kept")
+        with torch.no_grad():
+            p.copy_(W_new)
+        return info
 
     # ------------------------------------------------------------------ control
     def _start_control(self) -> None:

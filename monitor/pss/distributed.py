@@ -1,0 +1,113 @@
+"""PSS in a torch.distributed job (SPEC section 7): one decision, the same smoothing everywhere.
+
+Every rank runs a :class:`DistributedPSSController`. Its inputs are the same on every rank:
+the step, the global and per-layer gradient norms (results of an all-reduce, bitwise equal on
+all ranks) and the control file, which rank 0 alone reads and broadcasts on the steps it is
+polled (every ``check_every`` steps). So every rank's detector takes the same decision at the
+same step without a broadcast per step.
+
+Smoothing a layer is collective: the rank that owns it (``owners``) holds the whole matrix
+(DDP: its replica; FSDP2: the shards gathered from every rank), smooths it with the very
+function the single-process controller uses, and sends the result back (DDP: the whole
+matrix broadcast, so replicas stay bitwise identical; FSDP2: each rank its own rows, so the
+shards are the shards of the single-process smoothed matrix). A failure on the owner is
+broadcast with the result, so every rank reports the layer as not smoothed and no rank waits
+for a collective the others skip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor.distributed import ROWS, Comm, local
+from monitor.metrics import sharded, views
+from monitor.pss.controller import PSSController
+from monitor.pss.smoothing import smooth_matrix, weight_from_matrix
+
+
+class _BroadcastWatcher:
+    """Rank 0's control-file watcher, its polls broadcast to every rank."""
+
+    def __init__(self, inner: Any, comm: Comm) -> None:
+        self.inner, self.comm = inner, comm
+
+    def poll(self, step: int):
+        if step % self.inner.check_every != 0:
+            return None
+        update = self.inner.poll(step) if self.comm.rank == 0 else None
+        return self.comm.broadcast_object(update)
+
+    def __getattr__(self, name: str) -> Any:  # version, smooth_now_seen, check_every, path
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("inner", "comm"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+
+class DistributedPSSController(PSSController):
+    """:class:`PSSController` for one rank of a distributed job.
+
+    Args (besides PSSController's):
+        comm: the monitor's :class:`monitor.distributed.Comm`.
+        placements: ``{name: placement kind}`` of the layers PSS may smooth.
+        owners: ``{name: rank}`` that smooths each layer.
+    """
+
+    def __init__(self, *args: Any, comm: Comm, placements: dict[str, str],
+                 owners: dict[str, int], **kwargs: Any) -> None:
+        self.comm, self.placements, self.owners = comm, placements, owners
+        super().__init__(*args, **kwargs)
+        self.watcher = _BroadcastWatcher(self.watcher, comm)
+
+    def _start_control(self) -> None:
+        """Rank 0 reads (or writes) control.json; every rank starts from its settings."""
+        if self.comm.rank == 0:
+            super()._start_control()
+        state = (self.config, self.watcher.version, self.watcher.smooth_now_seen)
+        config, version, seen = self.comm.broadcast_object(state if self.comm.rank == 0 else None)
+        if self.comm.rank != 0:
+            self.config = config
+            for det in [self.detector]:
+                det.tau, det.alpha, det.warmup_steps = config.tau, config.alpha, config.warmup_steps
+            self.watcher.version, self.watcher.smooth_now_seen = version, seen
+
+    def _smooth_layer(self, name: str, p: nn.Parameter, kind: str, params: dict) -> dict[str, float]:
+        owner = self.owners.get(name, 0)
+        rows = self.placements.get(name) == ROWS
+        mine = self.comm.rank == owner
+        whole = None
+        if rows:
+            gathered = sharded.gather_whole([local(p).detach()], [p.shape], self.comm, owner)
+            whole = gathered[0] if gathered is not None else None
+        elif mine:
+            whole = p.detach()
+        outcome: tuple[bool, Any] = (False, "not computed")
+        M_new = None
+        if mine:
+            try:
+                cfg = self.config
+                M_new, info = smooth_matrix(views.matrix_view(whole, kind), cfg.method,
+                                            k_min=cfg.k_min, k_max=cfg.k_max, **params)
+                outcome = (True, info)
+            except Exception as err:  # reported by every rank, below
+                outcome = (False, f"{err} (on rank {owner})")
+        ok, info = self.comm.broadcast_object(outcome, src=owner)
+        if not ok:
+            raise ValueError(info)
+        new_whole = weight_from_matrix(M_new, whole, kind) if mine else None
+        with torch.no_grad():
+            if rows:
+                part = sharded.scatter_whole([new_whole] if mine else None, [p.shape],
+                                             self.comm, owner)[0]
+                local(p).copy_(part.to(local(p).dtype))
+            else:
+                buf = (new_whole if mine else torch.empty(p.shape)).to(self.comm.device, torch.float32)
+                self.comm.broadcast_tensor(buf, src=owner)
+                p.copy_(buf.to(device=p.device, dtype=p.dtype))
+        return info
