@@ -115,7 +115,8 @@ class Spectral(Collector):
     def collect(self, ctx: StepContext) -> None:
         m = self.m
         rows = [t for t in m.spectral_targets if t.placement == ROWS]
-        blocks = [local(t.param.detach()).reshape(local(t.param).shape[0], -1) for t in rows]
+        blocks = [local(t.param.detach()).reshape(local(t.param).shape[0], math.prod(t.param.shape[1:]))
+                  for t in rows]  # (rows_r, rest): a rank may hold no row
         results = sharded.power_sigma_rows(
             blocks, [t.v for t in rows], [ctx.weight_sq.get(t.name, 0.0) for t in rows], m.comm,
             max_iters=m.config.power_iters, tol=m.config.power_tol)
@@ -261,10 +262,11 @@ class DistributedMetrics:
             return {}
         self._check_replaced(record if self.rank == 0 else None)
         try:
-            for collector in self.collectors(ntk_into):
-                if collector.should_compute(step):
-                    collector.collect(ctx)
-            self._merge(record, own)
+            with self.comm.in_step(f"step {step}"):
+                for collector in self.collectors(ntk_into):
+                    if collector.should_compute(step):
+                        collector.collect(ctx)
+                self._merge(record, own)
         except CommError as err:
             self._fail(record, str(err))
         return {name: math.sqrt(sq) for name, sq in ctx.grad_sq.items()}
@@ -277,7 +279,8 @@ class DistributedMetrics:
     def grad_norms(self) -> tuple[float, dict[str, float]]:
         """Global and per-layer gradient norms (one all-reduce; PSS on non-logged steps)."""
         ctx = StepContext(-1, self.make_record(-1), None)
-        Norms(self).collect(ctx)
+        with self.comm.in_step("gradient norms"):
+            Norms(self).collect(ctx)
         layer = {name: math.sqrt(sq) for name, sq in ctx.grad_sq.items()}
         return math.sqrt(sum(ctx.grad_sq.values())), layer
 
@@ -295,9 +298,10 @@ class DistributedMetrics:
                 (t.placement == REPLICATED and t.owner == self.rank) for t in self.targets]
         deltas = [local(t.param.detach()) - b if c else None
                   for t, b, c in zip(self.targets, before, mine)]
-        dsq, _ = sharded.local_sq_sums(deltas)
-        bsq, _ = sharded.local_sq_sums([b if c else None for b, c in zip(before, mine)])
-        total = sharded.reduce_sums([*dsq, *bsq], self.comm)
+        with self.comm.in_step("update norms"):
+            dsq, _ = sharded.local_sq_sums(deltas)
+            bsq, _ = sharded.local_sq_sums([b if c else None for b, c in zip(before, mine)])
+            total = sharded.reduce_sums([*dsq, *bsq], self.comm)
         n = len(self.targets)
         nan = [t.placement == UNSUPPORTED for t in self.targets]
         return ([math.nan if nan[i] else math.sqrt(total[i]) for i in range(n)],

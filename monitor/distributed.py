@@ -17,6 +17,7 @@ job without torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import heapq
 import logging
@@ -197,6 +198,28 @@ class Comm:
         self.broken: str | None = None  # why the collectives are off, once one failed
         self.bytes = 0  # payload bytes this rank sent or received in the monitor's collectives
         self.calls = 0  # collectives run
+
+    def stop(self, reason: str) -> None:
+        """Turn the collectives off on this rank (it can no longer keep in step with the
+        others: they time out after ``timeout_s`` and stop too, never hang)."""
+        if not self.broken:
+            self.broken = (f"{reason}; the monitor's collectives are off on this rank from "
+                           f"now on (the other ranks' time out after {self.timeout_s:g} s), "
+                           "training goes on")
+            log.error("monitor: %s", self.broken)
+
+    @contextlib.contextmanager
+    def in_step(self, what: str):
+        """Run a block of local work and collectives: an error that is not a collective's
+        own leaves this rank out of step with the others, so it stops the collectives
+        (:meth:`stop`) and is raised as :class:`CommError`."""
+        try:
+            yield
+        except CommError:
+            raise
+        except Exception as err:
+            self.stop(f"the monitor's {what} failed on rank {self.rank}: {err!r}")
+            raise CommError(self.broken) from err
 
     def _run(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         if self.broken:

@@ -78,8 +78,15 @@ class DistributedPSSController(PSSController):
             self.watcher.version, self.watcher.smooth_now_seen = version, seen
 
     def _smooth_layer(self, name: str, p: nn.Parameter, kind: str, params: dict) -> dict[str, float]:
-        owner = self.owners.get(name, 0)
-        rows = self.placements.get(name) == ROWS
+        with self.comm.in_step(f"smoothing of {name}"):
+            ok, info = self._smooth_collective(p, kind, params, self.owners.get(name, 0),
+                                               self.placements.get(name) == ROWS)
+        if not ok:  # raised on every rank alike: the layer is reported as not smoothed
+            raise ValueError(info)
+        return info
+
+    def _smooth_collective(self, p: nn.Parameter, kind: str, params: dict, owner: int,
+                           rows: bool) -> tuple[bool, Any]:
         mine = self.comm.rank == owner
         whole = None
         if rows:
@@ -99,7 +106,7 @@ class DistributedPSSController(PSSController):
                 outcome = (False, f"{err} (on rank {owner})")
         ok, info = self.comm.broadcast_object(outcome, src=owner)
         if not ok:
-            raise ValueError(info)
+            return ok, info
         new_whole = weight_from_matrix(M_new, whole, kind) if mine else None
         with torch.no_grad():
             if rows:
@@ -110,4 +117,4 @@ class DistributedPSSController(PSSController):
                 buf = (new_whole if mine else torch.empty(p.shape)).to(self.comm.device, torch.float32)
                 self.comm.broadcast_tensor(buf, src=owner)
                 p.copy_(buf.to(device=p.device, dtype=p.dtype))
-        return info
+        return ok, info
