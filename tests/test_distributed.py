@@ -143,3 +143,34 @@ def test_assign_owners_balances_and_is_deterministic():
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in (0, 1)]
     assert sorted(loads) == [101, 102] and owners == assign_owners(costs, 2)
     assert assign_owners(costs, 1) == [0] * 6
+
+
+def _lightning_rank(rank: int, port: int, root: str) -> None:
+    """One rank of a job launched from outside, as torchrun does: Lightning reads the rank
+    from the environment and starts no process of its own."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                       "NODE_RANK": "0", "LOCAL_RANK": str(rank), "RANK": str(rank)})
+    from tests import lightning_ddp_job
+
+    lightning_ddp_job.main(root)
+
+
+def test_lightning_ddp_two_processes_through_the_callback(tmp_path, monkeypatch):
+    """Lightning with strategy="ddp" on 2 CPU processes and the existing callback: every
+    rank monitors, rank 0 writes, a smooth-now request smooths both replicas alike."""
+    import lightning.pytorch  # noqa: F401  imported before the fork
+
+    monkeypatch.setattr(sys, "path", [ROOT, *sys.path])
+    mp.start_processes(_lightning_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    out = [json.loads((tmp_path / f"lit-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [o["type"] for o in out] == ["Monitor", "Monitor"]
+    assert [o["step"] for o in out] == [7, 7]
+    assert out[0]["interventions"] == out[1]["interventions"] == [5]  # polled every 5 steps
+    w0, w1 = (torch.load(tmp_path / f"weights-rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[name], w1[name]) for name in w0)
+    logged = read_scalars(str(tmp_path))
+    assert sorted(logged["grad_norm/net.0.weight"]) == list(range(7))
+    assert logged[schema.TAG_PSS_INTERVENTION][5] == 1.0
+    assert "ntk_eig/net.2.weight" in logged and "sje/net.0.weight" in logged
+    assert len([f for f in os.listdir(tmp_path) if "tfevents" in f]) == 1  # rank 0's only
