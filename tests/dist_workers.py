@@ -81,6 +81,7 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
             with monitor.watch(model, opt, os.path.join(root, name), every=1, preset="cheap") as mon:
                 train(model, opt, mon, rank, world, steps=1, nan=True)
         if world == 2:
+            _tensor_parallel(world, root)
             _ddp_and_timeout(rank, world, root, config, pss, out)
         with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
@@ -109,3 +110,31 @@ def _ddp_and_timeout(rank, world, root, config, pss, out) -> None:
             train(model, opt, mon, rank, world, steps=2)
             out["dead_steps"] = mon.step
     dist.barrier()
+
+
+def make_tp_model() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def train_tp(model: nn.Module, opt, mon, steps: int = 2) -> None:
+    """Tensor parallel: every rank sees the whole batch."""
+    for t in range(steps):
+        loss = model(batch(t)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _tensor_parallel(world: int, root: str) -> None:
+    """ColwiseParallel (weight Shard(0)) then RowwiseParallel (weight Shard(1))."""
+    import monitor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    model = parallelize_module(make_tp_model(), init_device_mesh("cpu", (world,)),
+                               {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.watch(model, opt, os.path.join(root, "tp"), config=monitor_args()[0]) as mon:
+        train_tp(model, opt, mon)

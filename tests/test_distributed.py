@@ -128,8 +128,31 @@ def test_fsdp2_and_ddp_two_ranks_equal_one_process(tmp_path, monkeypatch):
     assert found["out"][0]["dead_steps"] == 2
     failures = read_texts(str(tmp_path / "dead"))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     assert any("timeout 2 s" in text and "a rank died" in text for text in failures.values())
+    _check_tensor_parallel(tmp_path)
     assert os.listdir(tmp_path / "fsdp").count(schema.RUN_FILENAME) == 1
     assert len([f for f in os.listdir(tmp_path / "fsdp") if "tfevents" in f]) == 1  # rank 0's
+
+
+def _check_tensor_parallel(tmp_path) -> None:
+    """Shard(0) (ColwiseParallel) gets every metric but the NTK; Shard(1) (RowwiseParallel)
+    its norms only; what is not supported is named once, never a wrong number."""
+    import monitor
+
+    model = W.make_tp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.watch(model, opt, str(tmp_path / "tp-ref"), config=W.monitor_args()[0]) as mon:
+        W.train_tp(model, opt, mon)
+    run, ref = read_scalars(str(tmp_path / "tp")), read_scalars(str(tmp_path / "tp-ref"))
+    missing = {"sigma_max/2.weight", "stable_rank/2.weight", "sje/2.weight", "ntk_eig/2.weight",
+               "ntk_eig/0.weight"}
+    assert set(run) - NOT_COMPARED == set(ref) - NOT_COMPARED - missing
+    for tag in set(run) - NOT_COMPARED:
+        for step, value in run[tag].items():
+            assert math.isclose(value, ref[tag][step], rel_tol=_rtol(tag), abs_tol=1e-7), tag
+    said = read_texts(str(tmp_path / "tp"))[schema.TAG_UNSUPPORTED + schema.TEXT_SUFFIX]
+    assert sorted(said) == [0]
+    assert "2.weight: spectral metrics of a tensor sharded on a dimension other than 0" in said[0]
+    assert "ntk_eig/0.weight: NTK of a tensor-parallel layer" in said[0]
 
 
 def test_fsdp2_four_ranks_fewer_rows_than_ranks(tmp_path, monkeypatch):

@@ -337,6 +337,10 @@ def _shared_input(c: _Capture) -> torch.Tensor:
     return a.reshape(1, -1).expand(c.delta.shape[0], -1)
 
 
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 class NoGradient(LookupError):
     """No gradient reached the layer during the captured step (unused or detached)."""
 
@@ -447,6 +451,10 @@ class NTKCapture:
                     and output.requires_grad):
                 return  # evaluation or frozen path: not part of the training gradient
             x = args[0] if args else next(iter(kwargs.values()))
+            if _is_dtensor(x) or _is_dtensor(output):
+                self.unsupported[name] = ("NTK of a tensor-parallel layer (DTensor activations) "
+                                          "is not supported")
+                return
             shared = kind == "embedding" and (
                 x.shape[0] == 1 if self._batch is None else x.shape[0] != self._batch)
             if self._batch is None and not shared:
