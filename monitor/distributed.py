@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import heapq
 import logging
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -251,14 +252,17 @@ class Comm:
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled)."""
         box = [obj]
+        self.bytes += _pickled_size(obj) if self.rank == src else 0
         self._run("broadcast", torch.distributed.broadcast_object_list, box, src=src,
                   device=self.device)
+        self.bytes += _pickled_size(box[0]) if self.rank != src else 0
         return box[0]
 
     def gather_objects(self, obj: Any, dst: int = 0) -> list[Any] | None:
         """Every rank's ``obj`` on rank ``dst`` (a list by rank), None elsewhere."""
         out = [None] * self.world if self.rank == dst else None
         self._run("gather", torch.distributed.gather_object, obj, out, dst=dst)
+        self.bytes += sum(map(_pickled_size, out)) if out is not None else _pickled_size(obj)
         return out
 
     def gather_flat(self, t: torch.Tensor, lengths: Sequence[int], dst: int) -> list[torch.Tensor] | None:
@@ -287,6 +291,11 @@ class Comm:
         self.bytes += pad * buf.element_size() * (self.world if padded is not None else 1)
         self._run("scatter", torch.distributed.scatter, buf, padded, src=src)
         return buf[: lengths[self.rank]]
+
+
+def _pickled_size(obj: Any) -> int:
+    """Bytes an object collective carries for ``obj`` (its pickle)."""
+    return len(pickle.dumps(obj))
 
 
 def _collective_device(group: Any) -> torch.device:

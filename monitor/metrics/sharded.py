@@ -98,11 +98,10 @@ def power_sigma_rows(blocks: Sequence[torch.Tensor], v0s: Sequence[torch.Tensor 
             u = mats[l] @ vs[l]
             ss.append(u.pow(2).sum())
             ws.append(mats[l].t() @ u)
-        flat = torch.cat([*ws, torch.stack(ss)]).double()
-        flat = comm.all_reduce(flat)
+        flat = comm.all_reduce(torch.cat([*ws, torch.stack(ss)]))  # float32: (n + 1) per layer
         sizes = [w.numel() for w in ws]
         parts = list(torch.split(flat[: sum(sizes)], sizes))
-        s_all = flat[sum(sizes):].tolist()
+        s_all = flat[sum(sizes):].double().tolist()
         still = []
         for l, w, s in zip(active, parts, s_all):
             wn = float(torch.linalg.vector_norm(w))
