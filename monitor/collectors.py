@@ -35,12 +35,10 @@ from torch import nn
 
 from monitor import schema
 from monitor.config import MonitorConfig
-from monitor.distributed import (REPLICATED, ROWS, UNSUPPORTED, Comm, CommError, assign_owners,
-                                 is_dtensor, local, placement)
+from monitor.distributed import (REPLICATED, ROWS, SHARDED, UNSUPPORTED, Comm, CommError,
+                                 assign_owners, is_dtensor, local, placement)
 from monitor.metrics import energy, sharded, spectral, views
 from monitor.schema import layer_tag
-
-SHARDED_OTHER = "sharded"  # Shard(d > 0): norms are exact, spectral metrics unsupported
 
 
 @dataclass
@@ -51,7 +49,7 @@ class Target:
     param: nn.Parameter
     kind: str  # matrix-view kind (views.layer_kinds)
     spectral: bool  # has a matrix view
-    placement: str  # REPLICATED, ROWS, SHARDED_OTHER or UNSUPPORTED
+    placement: str  # REPLICATED, ROWS, SHARDED or UNSUPPORTED (monitor.distributed)
     reason: str  # why unsupported (or why spectral metrics are), else ""
     owner: int  # the rank computing its expensive metrics
     v: torch.Tensor | None = None  # power-iteration warm start
@@ -226,8 +224,6 @@ class DistributedMetrics:
         out = []
         for l, owner in zip(layers, owners):
             kind, reason = placement(l.param, self.world)
-            if kind == UNSUPPORTED and "placement" in reason and _shard_dims(l.param):
-                kind = SHARDED_OTHER  # norms still exact: every entry lives on one rank
             if kind == REPLICATED and any_dtensor and not is_dtensor(l.param):
                 kind, reason = UNSUPPORTED, (
                     "a plain tensor in a model whose other parameters are DTensors (FSDP2): "
@@ -327,13 +323,14 @@ class DistributedMetrics:
                 continue
             if t.placement == UNSUPPORTED:
                 lines.append(f"- all metrics/{t.name}: {t.reason}\n")
-            elif t.placement == SHARDED_OTHER and t.spectral:
-                lines.append(f"- sigma_max, stable_rank, sje, ntk_eig/{t.name}: spectral metrics "
-                             "of a tensor sharded on a dimension other than 0 (tensor parallel) "
-                             "are not supported; norms are exact\n")
+            elif t.placement == SHARDED and t.spectral:
+                lines.append(f"- sigma_max, stable_rank, sje, ntk_eig/{t.name}: {t.reason}\n")
             else:
                 continue
             self._said.add(t.name)
+        if any(t.placement == UNSUPPORTED for t in self.targets) and "global" not in self._said:
+            self._said.add("global")
+            lines.append(f"- {schema.TAG_GLOBAL_GRAD_NORM}: over the supported tensors only\n")
         if lines:
             record.texts[schema.TAG_UNSUPPORTED] = record.texts.get(schema.TAG_UNSUPPORTED, "") + "".join(lines)
 
@@ -357,11 +354,3 @@ class DistributedMetrics:
         if record is not None:
             record.fail("hook", "distributed", reason)
 
-
-def _shard_dims(t: torch.Tensor) -> bool:
-    """A DTensor sharded (on any dim) on a 1-D mesh of the whole job: each entry on one rank."""
-    try:
-        return (is_dtensor(t) and t.device_mesh.ndim == 1
-                and all(p.is_shard() for p in t.placements))
-    except Exception:
-        return False

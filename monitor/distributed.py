@@ -5,8 +5,9 @@
   its names, and turns parameters into DTensors sharded on dim 0.
 - :func:`placement` says how a tensor is laid out across ranks: ``replicated`` (a plain
   tensor under DDP, a ``Replicate`` DTensor), ``rows`` (``Shard(0)`` on a one-dimensional
-  mesh over the whole job: FSDP2) or ``unsupported`` (any other placement, say tensor
-  parallel ``Shard(1)``, or a 2-D mesh), never a wrong number.
+  mesh over the whole job: FSDP2, ColwiseParallel), ``sharded`` (another dimension, say
+  RowwiseParallel's ``Shard(1)``: norms only) or ``unsupported`` (a 2-D mesh: HSDP), never a
+  wrong number.
 - :class:`Comm` holds the monitor's own process group, with a timeout so that a dead rank
   cannot hang the others forever in the monitor's collectives, and the rank assignment of
   the per-layer work (:func:`assign_owners`).
@@ -30,7 +31,7 @@ from torch import nn
 
 log = logging.getLogger("monitor")
 
-REPLICATED, ROWS, UNSUPPORTED = "replicated", "rows", "unsupported"
+REPLICATED, ROWS, SHARDED, UNSUPPORTED = "replicated", "rows", "sharded", "unsupported"
 
 
 class InactiveMonitor:
@@ -117,8 +118,9 @@ def placement(t: torch.Tensor, world: int) -> tuple[str, str]:
 
     ``rows``: a DTensor ``Shard(0)`` on a one-dimensional mesh of all ``world`` ranks, with
     ``torch.chunk``'s row split (what ``fully_shard`` makes, uneven shards and ranks with no
-    row included); ``replicated``: a plain tensor or a ``Replicate()`` DTensor; otherwise
-    ``unsupported`` with the reason.
+    row included); ``sharded``: ``Shard(d)``, d > 0, on such a mesh (every entry on one
+    rank: norms are exact, spectral metrics are not supported); ``replicated``: a plain
+    tensor or a ``Replicate()`` DTensor; otherwise ``unsupported`` with the reason.
     """
     if not is_dtensor(t):
         return REPLICATED, ""
@@ -137,8 +139,11 @@ def placement(t: torch.Tensor, world: int) -> tuple[str, str]:
             return ROWS, ""
         return UNSUPPORTED, (f"Shard(0) DTensor whose local rows ({local(t).shape[0]}) are not "
                              f"torch.chunk's ({rows})")
-    return UNSUPPORTED, (f"DTensor placement [{names}] (tensor parallel?): only Shard(0) "
-                         "(FSDP2 fully_shard) and Replicate are supported")
+    if p.is_shard():
+        return SHARDED, (f"spectral metrics of a tensor sharded on a dimension other than 0 "
+                         f"(DTensor placement [{names}], tensor parallel) are not supported; "
+                         "norms are exact")
+    return UNSUPPORTED, f"DTensor placement [{names}] is not supported"
 
 
 def chunk_rows(n: int, world: int, rank: int) -> int:
@@ -180,10 +185,15 @@ class Comm:
     calling ``optimizer.step()``) it raises :class:`CommError` naming the timeout, and
     :attr:`broken` turns the monitor's collectives off on this rank for the rest of the job.
 
+    The group is gloo whatever the job's backend: a gloo collective that times out raises
+    (the monitor records it and training goes on), where NCCL's watchdog would tear the
+    process down; the monitor's tensors go through host memory (bytes per logged step in
+    the README's cost model).
+
     Args:
         timeout_s: seconds a collective of the monitor may wait for the other ranks.
-        group: an existing process group (default: a new one over all ranks, so the
-            monitor's timeout is its own and not the training job's).
+        group: an existing process group (default: a new gloo group over all ranks, so the
+            monitor's collectives and timeout are its own, never matched with the job's).
     """
 
     def __init__(self, timeout_s: float = 300.0, group: Any = None) -> None:
@@ -193,8 +203,7 @@ class Comm:
                                "torch.distributed.init_process_group() before watch()")
         self.timeout_s = float(timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = group if group is not None else dist.new_group(
-            timeout=datetime.timedelta(seconds=self.timeout_s))
+        self.group = group if group is not None else _new_gloo_group(self.timeout_s)
         self.device = _collective_device(self.group)
         self.broken: str | None = None  # why the collectives are off, once one failed
         self.bytes = 0  # payload bytes this rank sent or received in the monitor's collectives
@@ -293,13 +302,26 @@ class Comm:
         return buf[: lengths[self.rank]]
 
 
+def _new_gloo_group(timeout_s: float) -> Any:
+    """A gloo group over all ranks (every rank must call this: ``watch()`` on every rank)."""
+    try:
+        return torch.distributed.new_group(backend="gloo",
+                                           timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as err:
+        raise RuntimeError(
+            f"monitor: could not create the monitor's process group within {timeout_s:g} s "
+            f"({err}): call monitor.watch() on every rank (each computes a share of the "
+            "metrics of the whole tensors), after init_process_group and after wrapping the "
+            "model") from err
+
+
 def _pickled_size(obj: Any) -> int:
     """Bytes an object collective carries for ``obj`` (its pickle)."""
     return len(pickle.dumps(obj))
 
 
 def _collective_device(group: Any) -> torch.device:
-    """Where the group's collectives want their tensors: CUDA for NCCL, else CPU."""
+    """Where the group's collectives want their tensors: CUDA for NCCL, else host memory."""
     backend = str(torch.distributed.get_backend(group)).lower()
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -82,6 +82,7 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                 train(model, opt, mon, rank, world, steps=1, nan=True)
         if world == 2:
             _tensor_parallel(world, root)
+            _mixed(root)
             _ddp_and_timeout(rank, world, root, config, pss, out)
         with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
@@ -138,3 +139,15 @@ def _tensor_parallel(world: int, root: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with monitor.watch(model, opt, os.path.join(root, "tp"), config=monitor_args()[0]) as mon:
         train_tp(model, opt, mon)
+
+
+def _mixed(root: str) -> None:
+    """fully_shard on the first block only: the other blocks' plain tensors are named."""
+    import monitor
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.watch(model, opt, os.path.join(root, "mixed"), every=1, preset="cheap") as mon:
+        train(model, opt, mon, dist.get_rank(), dist.get_world_size(), steps=1)

@@ -129,6 +129,11 @@ def test_fsdp2_and_ddp_two_ranks_equal_one_process(tmp_path, monkeypatch):
     failures = read_texts(str(tmp_path / "dead"))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     assert any("timeout 2 s" in text and "a rank died" in text for text in failures.values())
     _check_tensor_parallel(tmp_path)
+    mixed = read_scalars(str(tmp_path / "mixed"))  # only 0.* is sharded: 2.*, 4.* are named
+    assert "grad_norm/0.weight" in mixed and "grad_norm/2.weight" not in mixed
+    said = read_texts(str(tmp_path / "mixed"))[schema.TAG_UNSUPPORTED + schema.TEXT_SUFFIX][0]
+    assert "2.weight: a plain tensor in a model whose other parameters are DTensors" in said
+    assert "fully_shard(model)" in said
     assert os.listdir(tmp_path / "fsdp").count(schema.RUN_FILENAME) == 1
     assert len([f for f in os.listdir(tmp_path / "fsdp") if "tfevents" in f]) == 1  # rank 0's
 
@@ -151,7 +156,7 @@ def _check_tensor_parallel(tmp_path) -> None:
             assert math.isclose(value, ref[tag][step], rel_tol=_rtol(tag), abs_tol=1e-7), tag
     said = read_texts(str(tmp_path / "tp"))[schema.TAG_UNSUPPORTED + schema.TEXT_SUFFIX]
     assert sorted(said) == [0]
-    assert "2.weight: spectral metrics of a tensor sharded on a dimension other than 0" in said[0]
+    assert "ntk_eig/2.weight: spectral metrics of a tensor sharded on a dimension other than 0" in said[0]
     assert "ntk_eig/0.weight: NTK of a tensor-parallel layer" in said[0]
 
 
