@@ -44,6 +44,8 @@ from monitor.config import MonitorConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distributed.md")
 FULL = {"layers": 8, "width": 384, "batch": 64, "steps": 6, "worlds": (1, 2, 4)}
+MODES = {"fsdp": "FSDP2, sigma gathered to the owner", "fsdp-power": "FSDP2, sigma by power "
+         "iteration on the shards", "ddp": "DDP"}
 QUICK = {"layers": 3, "width": 64, "batch": 16, "steps": 3, "worlds": (1, 2)}
 
 
@@ -83,7 +85,7 @@ class Clock:
 def run(rank: int, world: int, mode: str, spec: dict, root: str) -> dict:
     """Train ``spec["steps"]`` steps (the first one not measured); this rank's costs."""
     model = make_model(spec["layers"], spec["width"])
-    if mode == "fsdp" and world > 1:
+    if mode.startswith("fsdp") and world > 1:
         from torch.distributed.fsdp import fully_shard
 
         for m in model:
@@ -93,7 +95,8 @@ def run(rank: int, world: int, mode: str, spec: dict, root: str) -> dict:
     elif mode == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = MonitorConfig.preset("full", every=1, ntk_probe=8, warn_overhead=0)
+    config = MonitorConfig.preset("full", every=1, ntk_probe=8, warn_overhead=0,
+                                  sharded_sigma="power" if mode == "fsdp-power" else "gather")
     mon = monitor.watch(model, opt, os.path.join(root, f"{mode}-w{world}"), config=config)
     comm = mon._dist.comm if mon._dist is not None else None
     per_step = []
@@ -155,7 +158,7 @@ def worker(rank: int, world: int, port: int, spec: dict, root: str) -> None:
                             world_size=world)
     try:
         Clock.install()
-        out = {mode: run(rank, world, mode, spec, root) for mode in ("fsdp", "ddp")}
+        out = {mode: run(rank, world, mode, spec, root) for mode in MODES}
         with open(os.path.join(root, f"w{world}-rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
     finally:
@@ -168,14 +171,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def equality(root: str, world: int) -> dict[str, float]:
+def equality(root: str, world: int, mode: str) -> dict[str, float]:
     """Largest relative difference per metric family, FSDP2 at ``world`` vs one process.
     NTK: layers owned by rank 0 only (the probe is the owner's first samples)."""
     from tests.helpers import read_scalars
 
-    run = read_scalars(os.path.join(root, f"fsdp-w{world}"))
+    run = read_scalars(os.path.join(root, f"{mode}-w{world}"))
     ref = read_scalars(os.path.join(root, "fsdp-w1"))
-    with open(os.path.join(root, f"fsdp-w{world}", "run.json"), encoding="utf-8") as fh:
+    with open(os.path.join(root, f"{mode}-w{world}", "run.json"), encoding="utf-8") as fh:
         owners = {k: v["owner"] for k, v in json.load(fh)["distributed"]["layers"].items()}
     worst: dict[str, float] = {}
     for tag in run:
@@ -204,8 +207,8 @@ def main() -> None:
         if world == 1:  # the single-process path, no process group
             torch.set_num_threads(1)
             Clock.install()
-            results[1] = [{mode: run(0, 1, mode, spec, root) for mode in ("fsdp",)}]
-            results[1][0]["ddp"] = results[1][0]["fsdp"]  # plain model: the same run
+            one = run(0, 1, "fsdp", spec, root)  # a plain model: one run for every mode
+            results[1] = [{mode: one for mode in MODES}]
             continue
         mp.spawn(worker, args=(world, free_port(), spec, root), nprocs=world, join=True)
         results[world] = [json.load(open(os.path.join(root, f"w{world}-rank{r}.json")))
@@ -222,10 +225,10 @@ def report(spec: dict, results: dict, root: str) -> str:
             f"{spec['steps'] - 1} logged steps after the first. One thread per rank.\n\n")
     body += "## Per rank and logged step\n\n"
     rows = []
-    for mode in ("fsdp", "ddp"):
+    for mode in MODES:
         for world, ranks in results.items():
             r = [x[mode] for x in ranks]
-            rows.append([{"fsdp": "FSDP2", "ddp": "DDP"}[mode], world,
+            rows.append([MODES[mode], world,
                          f"{1000 * max(x['cpu'] for x in r):.1f}",
                          f"{1000 * statistics.mean(x['cpu'] for x in r):.1f}",
                          f"{1000 * max(x['wall'] for x in r):.1f}",
@@ -251,10 +254,12 @@ def report(spec: dict, results: dict, root: str) -> str:
                           "power, warm start: wall ms", "kB", "gather: wall ms",
                           "gather: kB (max rank)", "max rel. difference"], rows)
         body += "\n## FSDP2 against one process (largest relative difference per metric family)\n\n"
-        fams = sorted({f for w, _ in sig for f in equality(root, w)})
-        table = {w: equality(root, w) for w, _ in sig}
-        body += md_table(["metric", *[f"world {w}" for w, _ in sig]],
-                         [[f, *[f"{table[w].get(f, math.nan):.1e}" for w, _ in sig]] for f in fams])
+        cols = [(w, mode) for w, _ in sig for mode in ("fsdp", "fsdp-power")]
+        table = {c: equality(root, *c) for c in cols}
+        fams = sorted({f for c in cols for f in table[c]})
+        body += md_table(["metric", *[f"world {w}, {'power' if m.endswith('power') else 'gather'}"
+                                      for w, m in cols]],
+                         [[f, *[f"{table[c].get(f, math.nan):.1e}" for c in cols]] for f in fams])
     return body
 
 

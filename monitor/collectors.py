@@ -40,6 +40,10 @@ from monitor.distributed import (REPLICATED, ROWS, SHARDED, UNSUPPORTED, Comm, C
 from monitor.metrics import energy, sharded, spectral, views
 from monitor.schema import layer_tag
 
+#: ``sharded_sigma="auto"`` gathers whole matrices to their owners for σ1 while no rank
+#: receives more than this per logged step (benchmarks/results/distributed.md)
+GATHER_MAX_MB = 64
+
 
 @dataclass
 class Target:
@@ -67,6 +71,7 @@ class StepContext:
     grad_sq: dict[str, float] = field(default_factory=dict)  # global ‖G‖² per layer
     weight_sq: dict[str, float] = field(default_factory=dict)  # global ‖W‖² per layer
     sigma: dict[str, float] = field(default_factory=dict)  # σ1 per spectral layer
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # gathered weights (owner)
 
 
 class Collector:
@@ -108,31 +113,40 @@ class Norms(Collector):
 
 
 class Spectral(Collector):
-    """σ1 and stable rank: power iteration on the shards (FSDP2), or by the owner (DDP)."""
+    """σ1 and stable rank. Row-sharded (FSDP2) layers: power iteration on the shards, or
+    the whole matrix gathered on the owner (``DistributedMetrics.sigma_mode``); replicated
+    (DDP) layers: by the owner, on its replica."""
 
     def collect(self, ctx: StepContext) -> None:
         m = self.m
         rows = [t for t in m.spectral_targets if t.placement == ROWS]
-        blocks = [local(t.param.detach()).reshape(local(t.param).shape[0], math.prod(t.param.shape[1:]))
-                  for t in rows]  # (rows_r, rest): a rank may hold no row
-        results = sharded.power_sigma_rows(
-            blocks, [t.v for t in rows], [ctx.weight_sq.get(t.name, 0.0) for t in rows], m.comm,
-            max_iters=m.config.power_iters, tol=m.config.power_tol)
-        for t, res in zip(rows, results):
-            self._record(ctx, t, res.sigma, res.v, ctx.record, report=m.rank == t.owner)
+        if m.sigma_mode == "power":
+            blocks = [local(t.param.detach()).reshape(local(t.param).shape[0], _width(t))
+                      for t in rows]  # (rows_r, rest): a rank may hold no row
+            results = sharded.power_sigma_rows(
+                blocks, [t.v for t in rows], [ctx.weight_sq.get(t.name, 0.0) for t in rows],
+                m.comm, max_iters=m.config.power_iters, tol=m.config.power_tol)
+            for t, res in zip(rows, results):
+                self._record(ctx, t, res.sigma, res.v, ctx.record, report=m.rank == t.owner)
+        else:
+            for t, W in m.gather_to_owners(rows, lambda t: t.param.detach()):
+                ctx.whole[t.name] = W  # SJE reuses it
+                self._owned(ctx, t, W)
         for t in m.spectral_targets:
-            if t.placement != REPLICATED or t.owner != m.rank:
-                continue
-            try:
-                M = views.matrix_view(t.param.detach(), t.kind)
-                res = spectral.power_sigma_max(M, t.v, max_iters=m.config.power_iters,
-                                               tol=m.config.power_tol)
-                sigma, v = res.sigma, res.v
-            except Exception as err:
-                sigma, v = math.nan, None
-                ctx.own.fail("stable_rank", t.name, str(err))
-                continue
-            self._record(ctx, t, sigma, v, ctx.own, report=True)
+            if t.placement == REPLICATED and t.owner == m.rank:
+                self._owned(ctx, t, t.param.detach())
+
+    def _owned(self, ctx: StepContext, t: Target, W: torch.Tensor) -> None:
+        """σ1 of a whole matrix this rank owns: the single-process power iteration."""
+        m = self.m
+        try:
+            res = spectral.power_sigma_max(views.matrix_view(W, t.kind), t.v,
+                                           max_iters=m.config.power_iters, tol=m.config.power_tol)
+        except Exception as err:
+            t.v = None
+            ctx.own.fail("stable_rank", t.name, str(err))
+            return
+        self._record(ctx, t, res.sigma, res.v, ctx.own, report=True)
 
     @staticmethod
     def _record(ctx: StepContext, t: Target, sigma: float, v: torch.Tensor | None,
@@ -152,28 +166,28 @@ class Spectral(Collector):
 
 class SJE(Collector):
     """Stable Jacobian energy, by each layer's owner on the whole matrices (gathered from
-    the shards under FSDP2, on SJE steps only)."""
+    the shards under FSDP2, on SJE steps only; the weight is not gathered twice)."""
 
     def should_compute(self, step: int) -> bool:
         return self.m.config.sje_at(step)
 
     def collect(self, ctx: StepContext) -> None:
         m = self.m
-        due = [t for t in m.spectral_targets if t.name in ctx.sigma and t.param.grad is not None]
-        for dst in range(m.world):  # one gather per owner rank, all its sharded layers at once
-            rows = [t for t in due if t.placement == ROWS and t.owner == dst]
-            if not rows:
-                continue
-            shards = [local(t.param.detach()) for t in rows] + [local(t.param.grad) for t in rows]
-            wholes = sharded.gather_whole(shards, [t.param.shape for t in rows] * 2, m.comm, dst)
-            if wholes is not None:
-                for i, t in enumerate(rows):
-                    self._sje(ctx, t, wholes[i], wholes[len(rows) + i])
+        # the same list on every rank (it decides the gathers): not from this rank's sigma
+        due = [t for t in m.spectral_targets if t.param.grad is not None]
+        rows = [t for t in due if t.placement == ROWS]
+        if m.sigma_mode == "power":
+            for t, W in m.gather_to_owners(rows, lambda t: t.param.detach()):
+                ctx.whole[t.name] = W
+        for t, G in m.gather_to_owners(rows, lambda t: t.param.grad):
+            self._sje(ctx, t, ctx.whole[t.name], G)
         for t in due:
             if t.placement == REPLICATED and t.owner == m.rank:
                 self._sje(ctx, t, t.param.detach(), t.param.grad.detach())
 
     def _sje(self, ctx: StepContext, t: Target, W: torch.Tensor, G: torch.Tensor) -> None:
+        if t.name not in ctx.sigma:
+            return  # sigma_max failed: recorded already
         try:
             value, _k = energy.sje(views.matrix_view(W, t.kind), views.matrix_view(G, t.kind),
                                    k_max=self.m.config.sje_k_max, sigma=ctx.sigma[t.name])
@@ -196,6 +210,10 @@ class NTK(Collector):
         self.ntk_into(ctx.own)
 
 
+def _width(t: Target) -> int:
+    return math.prod(t.param.shape[1:])
+
+
 class DistributedMetrics:
     """Runs the collectors of a logged step on every rank of a distributed job.
 
@@ -216,6 +234,33 @@ class DistributedMetrics:
         self.spectral_targets = [t for t in self.counted if t.spectral
                                  and t.placement in (REPLICATED, ROWS)]
         self._said: set[str] = set()
+        self.sigma_mode = self._sigma_mode(config.sharded_sigma)
+
+    def _sigma_mode(self, wanted: str) -> str:
+        """``power`` or ``gather`` for σ1 of row-sharded layers; ``auto`` gathers when no
+        rank would receive more than GATHER_MAX_MB of whole matrices per logged step
+        (small models: one gather beats tens of latency-bound all-reduces; large ones: the
+        power iteration moves ``iterations x sum(n)`` floats instead of every matrix)."""
+        if wanted != "auto":
+            return wanted
+        per_rank = [0] * self.world
+        for t in self.spectral_targets:
+            if t.placement == ROWS:
+                per_rank[t.owner] += 4 * t.param.numel()
+        return "gather" if max(per_rank) <= GATHER_MAX_MB * 2**20 else "power"
+
+    def gather_to_owners(self, targets: Sequence[Target], tensor: Callable[[Target], torch.Tensor]):
+        """``(target, whole tensor)`` for the row-sharded ``targets`` this rank owns, after
+        one gather per owner rank (every rank takes part in each)."""
+        out = []
+        for dst in range(self.world):
+            mine = [t for t in targets if t.owner == dst]
+            if not mine:
+                continue
+            wholes = sharded.gather_whole([local(tensor(t)) for t in mine],
+                                          [t.param.shape for t in mine], self.comm, dst)
+            out += list(zip(mine, wholes)) if wholes is not None else []
+        return out
 
     def _targets(self, layers: Sequence[Any]) -> list[Target]:
         any_dtensor = any(is_dtensor(l.param) for l in layers)
@@ -234,7 +279,7 @@ class DistributedMetrics:
 
     def describe(self) -> dict[str, Any]:
         """For run.json: the world size, and each layer's placement and owner rank."""
-        return {"world": self.world, "timeout_s": self.comm.timeout_s,
+        return {"world": self.world, "timeout_s": self.comm.timeout_s, "sigma": self.sigma_mode,
                 "layers": {t.name: {"placement": t.placement, "owner": t.owner} for t in self.targets}}
 
     def owned_names(self) -> dict[int, str]:

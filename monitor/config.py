@@ -35,6 +35,9 @@ class MonitorConfig:
     #                             wall time between two logged steps (0: never warn)
     dist_timeout_s: float = 300.0  # torch.distributed: seconds a collective of the monitor
     #                                waits for the other ranks (a dead rank cannot hang it)
+    sharded_sigma: str = "auto"  # FSDP2 sigma_max: "power" (iteration on the shards),
+    #                              "gather" (whole matrix on its owner rank), "auto" (gather
+    #                              while a rank receives <= 64 MB per logged step)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -59,6 +62,8 @@ class MonitorConfig:
         if not (isinstance(self.warn_overhead, (int, float)) and not isinstance(self.warn_overhead, bool)
                 and 0 <= self.warn_overhead):
             raise bad("warn_overhead", "a number >= 0 (0: never warn)")
+        if self.sharded_sigma not in ("auto", "power", "gather"):
+            raise bad("sharded_sigma", "'auto', 'power' or 'gather'")
         if not (isinstance(self.dist_timeout_s, (int, float)) and not isinstance(self.dist_timeout_s, bool)
                 and self.dist_timeout_s > 0):
             raise bad("dist_timeout_s", "a number of seconds > 0")

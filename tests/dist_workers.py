@@ -27,10 +27,10 @@ def batch(step: int, nan: bool = False) -> torch.Tensor:
     return x
 
 
-def monitor_args():
+def monitor_args(sharded_sigma: str = "auto"):
     from monitor import MonitorConfig, PSSConfig
 
-    return (MonitorConfig.preset("full", every=1, ntk_probe=4),
+    return (MonitorConfig.preset("full", every=1, ntk_probe=4, sharded_sigma=sharded_sigma),
             PSSConfig(warmup_steps=2, tau=1.5, k_min=2))
 
 
@@ -64,7 +64,8 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        config, pss = monitor_args()
+        # sigma_max of the shards: power iteration at world 2, gathered ("auto") at world 4
+        config, pss = monitor_args("power" if world == 2 else "auto")
         out: dict = {"rank": rank}
         # FSDP2: metrics and PSS, weights after the intervention
         model = fsdp(make_model())

@@ -85,6 +85,7 @@ def _check_world(world: int, tmp_path, monkeypatch) -> dict:
     run_info = json.loads((tmp_path / "fsdp" / schema.RUN_FILENAME).read_text())["distributed"]
     owners = {name: v["owner"] for name, v in run_info["layers"].items()}
     assert {v["placement"] for v in run_info["layers"].values()} == {"rows"}
+    assert run_info["sigma"] == ("power" if world == 2 else "gather")  # both ways tested
     assert len(set(owners.values())) > 1  # the work is split
     refs = [_reference(tmp_path, f"ref{r}", (r, world)) for r in range(world)]
     run = read_scalars(str(tmp_path / "fsdp"))
