@@ -216,6 +216,15 @@ def main() -> None:
     write_results(RESULTS, "Distributed monitor benchmark (CPU, gloo)", report(spec, results, root))
 
 
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``t = a + b / world``."""
+    xs, ys = [1 / w for w, _ in points], [t for _, t in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
 def report(spec: dict, results: dict, root: str) -> str:
     n_params = sum(p.numel() for p in make_model(spec["layers"], spec["width"]).parameters())
     body = (f"Model: {spec['layers']} x Linear({spec['width']}, {spec['width']}) + Tanh, then "
@@ -236,6 +245,16 @@ def report(spec: dict, results: dict, root: str) -> str:
                          f"{max(x['calls'] for x in r):.0f}"])
     body += md_table(["job", "world", "CPU ms (max rank)", "CPU ms (mean rank)",
                       "wall ms (max rank)", "kB sent+received (max rank)", "collectives"], rows)
+    body += ("\nFit of the CPU time (max rank) to `a + b / world` (least squares): the part b "
+             "divides across ranks, a does not.\n\n")
+    fits = []
+    for mode in MODES:
+        a, b = fit([(w, max(x[mode]["cpu"] for x in ranks)) for w, ranks in results.items()])
+        fits.append([MODES[mode], f"{1000 * a:.1f}", f"{1000 * b:.1f}", f"{b / (a + b):.1%}"])
+    body += md_table(["job", "a (ms)", "b (ms)", "share that divides"], fits)
+    body += ("\nBytes are the payload a rank passes to or gets from the monitor's collectives "
+             "(object collectives: their pickles); a ring all-reduce moves about twice its "
+             "payload on the wire. Wall times include waiting for one of the 2 shared cores.\n")
     sig = [(w, ranks) for w, ranks in results.items() if w > 1]
     if sig:
         body += "\n## sigma_max of every layer: power iteration on the shards vs gather to the owner\n\n"

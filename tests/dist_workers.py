@@ -112,6 +112,13 @@ def _ddp_and_timeout(rank, world, root, config, pss, out) -> None:
             train(model, opt, mon, rank, world, steps=2)
             out["dead_steps"] = mon.step
     dist.barrier()
+    if rank == 0:  # watch() on one rank only: a clear error, not a hang (last: groups differ now)
+        try:
+            monitor.watch(model, opt, os.path.join(root, "alone"),
+                          config=MonitorConfig.preset("cheap", dist_timeout_s=2.0))
+        except RuntimeError as err:
+            out["alone"] = str(err)
+    dist.barrier()
 
 
 def make_tp_model() -> nn.Sequential:

@@ -129,6 +129,7 @@ def test_fsdp2_and_ddp_two_ranks_equal_one_process(tmp_path, monkeypatch):
     assert found["out"][0]["dead_steps"] == 2
     failures = read_texts(str(tmp_path / "dead"))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     assert any("timeout 2 s" in text and "a rank died" in text for text in failures.values())
+    assert "call monitor.watch() on every rank" in found["out"][0]["alone"]
     _check_tensor_parallel(tmp_path)
     mixed = read_scalars(str(tmp_path / "mixed"))  # only 0.* is sharded: 2.*, 4.* are named
     assert "grad_norm/0.weight" in mixed and "grad_norm/2.weight" not in mixed
