@@ -12,10 +12,12 @@ Collectives of one logged step (all ranks, same order):
 
 1. one float64 all-reduce of every layer's local squared gradient and weight sums and the
    non-finite counts (:class:`Norms`);
-2. at most ``power_iters`` all-reduces for σ1 of all row-sharded (FSDP2) layers together
-   (:class:`Spectral`); replicated (DDP) layers are computed by their owner alone;
-3. on SJE steps, one gather per rank of the whole weights and gradients of the sharded
-   layers it owns (:class:`SJE`);
+2. σ1 of the row-sharded (FSDP2) layers (:class:`Spectral`): at most ``power_iters``
+   all-reduces for all of them together (power iteration on the shards), or one gather per
+   owner rank of its whole matrices (``sharded_sigma``); replicated (DDP) layers are
+   computed by their owner alone;
+3. on SJE steps, one gather per owner rank of the gradients (and weights, unless gathered
+   for σ1) of the sharded layers it owns (:class:`SJE`);
 4. one gather of every rank's results to rank 0;
 5. after ``optimizer.step()``, one all-reduce of the update's squared sums (:meth:`update_norms`).
 
@@ -88,7 +90,12 @@ class Collector:
 
 
 class Norms(Collector):
-    """Gradient norms, global norm, non-finite counts: one all-reduce for all tensors."""
+    """Gradient norms, global norm, non-finite counts: one all-reduce for all tensors.
+    ``weights=False`` (PSS on a step that is not logged): the gradients only."""
+
+    def __init__(self, metrics: "DistributedMetrics", weights: bool = True) -> None:
+        super().__init__(metrics)
+        self.weights = weights
 
     def collect(self, ctx: StepContext) -> None:
         m = self.m
@@ -96,7 +103,8 @@ class Norms(Collector):
         mine = [t.placement != REPLICATED or t.owner == m.rank for t in targets]
         grads = [local(t.param.grad) if c and t.param.grad is not None else None
                  for t, c in zip(targets, mine)]
-        weights = [local(t.param.detach()) if c else None for t, c in zip(targets, mine)]
+        weights = [local(t.param.detach()) if c and self.weights else None
+                   for t, c in zip(targets, mine)]
         gsq, gnf = sharded.local_sq_sums(grads)
         wsq, wnf = sharded.local_sq_sums(weights)
         total = sharded.reduce_sums([*gsq, *wsq, float(gnf), float(wnf)], m.comm)
@@ -321,7 +329,7 @@ class DistributedMetrics:
         """Global and per-layer gradient norms (one all-reduce; PSS on non-logged steps)."""
         ctx = StepContext(-1, self.make_record(-1), None)
         with self.comm.in_step("gradient norms"):
-            Norms(self).collect(ctx)
+            Norms(self, weights=False).collect(ctx)
         layer = {name: math.sqrt(sq) for name, sq in ctx.grad_sq.items()}
         return math.sqrt(sum(ctx.grad_sq.values())), layer
 
