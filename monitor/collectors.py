@@ -44,7 +44,7 @@ from monitor.schema import layer_tag
 
 #: ``sharded_sigma="auto"`` gathers whole matrices to their owners for σ1 while no rank
 #: receives more than this per logged step (benchmarks/results/distributed.md)
-GATHER_MAX_MB = 64
+GATHER_MAX_MB = 1024
 
 
 @dataclass
@@ -135,6 +135,15 @@ class Spectral(Collector):
                 blocks, [t.v for t in rows], [ctx.weight_sq.get(t.name, 0.0) for t in rows],
                 m.comm, max_iters=m.config.power_iters, tol=m.config.power_tol)
             for t, res in zip(rows, results):
+                if not res.converged and math.isfinite(res.sigma) and res.sigma > 0:
+                    t.v = res.v  # the next logged step goes on from it
+                    if m.rank == t.owner:  # outside the stated accuracy: said, not logged
+                        ctx.own.fail("stable_rank", t.name, (
+                            f"sigma_max not converged in {res.iters} power iterations on the "
+                            f"shards (relative residual {res.residual:.2e} > power_tol "
+                            f"{m.config.power_tol:g}); raise power_iters or use "
+                            "sharded_sigma='gather'"))
+                    continue
                 self._record(ctx, t, res.sigma, res.v, ctx.record, report=m.rank == t.owner)
         else:
             for t, W in m.gather_to_owners(rows, lambda t: t.param.detach()):

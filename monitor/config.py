@@ -37,7 +37,7 @@ class MonitorConfig:
     #                                waits for the other ranks (a dead rank cannot hang it)
     sharded_sigma: str = "auto"  # FSDP2 sigma_max: "power" (iteration on the shards),
     #                              "gather" (whole matrix on its owner rank), "auto" (gather
-    #                              while a rank receives <= 64 MB per logged step)
+    #                              while a rank receives <= 1 GB per logged step)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:

@@ -27,11 +27,15 @@ def batch(step: int, nan: bool = False) -> torch.Tensor:
     return x
 
 
-def monitor_args(sharded_sigma: str = "auto"):
+def monitor_args(**overrides):
     from monitor import MonitorConfig, PSSConfig
 
-    return (MonitorConfig.preset("full", every=1, ntk_probe=4, sharded_sigma=sharded_sigma),
+    return (MonitorConfig.preset("full", every=1, ntk_probe=4, **overrides),
             PSSConfig(warmup_steps=2, tau=1.5, k_min=2))
+
+
+#: sigma_max by power iteration on the shards, to a residual of 1e-3
+POWER = {"sharded_sigma": "power", "power_tol": 1e-3, "power_iters": 400}
 
 
 def train(model: nn.Module, opt, mon, rank: int, world: int, steps: int = STEPS,
@@ -64,17 +68,20 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        # sigma_max of the shards: power iteration at world 2, gathered ("auto") at world 4
-        config, pss = monitor_args("power" if world == 2 else "auto")
+        config, pss = monitor_args()
         out: dict = {"rank": rank}
-        # FSDP2: metrics and PSS, weights after the intervention
-        model = fsdp(make_model())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with monitor.watch(model, opt, os.path.join(root, "fsdp"), config=config, pss=pss) as mon:
-            train(model, opt, mon, rank, world)
-            out["fsdp_interventions"] = list(mon.pss.interventions)
-        torch.save({n: p.to_local().clone() for n, p in model.named_parameters()},
-                   os.path.join(root, f"fsdp-rank{rank}.pt"))
+        # FSDP2: metrics and PSS, weights after the intervention; sigma_max gathered ("auto")
+        # and, at world 2, by power iteration on the shards too
+        for name, args in [("fsdp", monitor_args())] + ([("fsdp-power", monitor_args(**POWER))]
+                                                          if world == 2 else []):
+            model = fsdp(make_model())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            with monitor.watch(model, opt, os.path.join(root, name), config=args[0],
+                               pss=args[1]) as mon:
+                train(model, opt, mon, rank, world)
+                out[f"{name}_interventions"] = list(mon.pss.interventions)
+            torch.save({n: p.to_local().clone() for n, p in model.named_parameters()},
+                       os.path.join(root, f"{name}-rank{rank}.pt"))
         # a NaN in the last rank's local batch: counted
         for name, wrap in (("fsdp-nan", fsdp), ("ddp-nan", nn.parallel.DistributedDataParallel)):
             model = wrap(make_model())

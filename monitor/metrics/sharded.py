@@ -11,9 +11,8 @@ see :func:`monitor.distributed.placement`. With ``M_r`` rank r's rows of the mat
 - σ1 by power iteration on the shards (:func:`power_sigma_rows`): ``u_r = M_r v`` is local,
   ``MᵀM v = Σ_r M_rᵀ u_r`` and ``‖M v‖² = Σ_r ‖u_r‖²`` come from one all-reduce of
   ``rest + 1`` values per layer and iteration, and all layers iterate together, so a step
-  costs at most ``max_iters`` all-reduces whatever the number of layers. The iterates are
-  those of :func:`monitor.metrics.spectral.power_sigma_max` on the full matrix (same start
-  vector, same stopping rule), up to rounding;
+  costs at most ``max_iters`` all-reduces whatever the number of layers; it stops on a
+  residual that bounds the error (SPEC 6);
 - everything else of a sharded layer (SJE's top-k subspace, PSS) gathers the whole tensor on
   the rank that owns the layer (:func:`gather_whole`), on the steps that need it only.
 
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from monitor.distributed import Comm, chunk_rows
-from monitor.metrics.spectral import _start_vector
 
 
 def local_sq_sums(tensors: Sequence[torch.Tensor | None]) -> tuple[list[float], int]:
@@ -67,7 +65,8 @@ class ShardedPower:
     sigma: float
     v: torch.Tensor  # (n,) right singular vector, the same on every rank: the next warm start
     iters: int
-    converged: bool
+    converged: bool  # residual <= tol
+    residual: float = math.nan  # ‖Mᵀu - α v‖ / α: bounds the relative error of sigma
 
 
 def power_sigma_rows(blocks: Sequence[torch.Tensor], v0s: Sequence[torch.Tensor | None],
@@ -79,16 +78,21 @@ def power_sigma_rows(blocks: Sequence[torch.Tensor], v0s: Sequence[torch.Tensor 
     its warm start, ``fro2[l]`` its global ``‖M‖_F²`` (to tell a zero matrix from a warm
     start in the null space). Every rank must pass the same layers in the same order.
 
-    Iteration (per layer): ``u_r = M_r v``, ``w = Σ_r M_rᵀ u_r``, ``s = Σ_r ‖u_r‖²`` (one
-    all-reduce for all active layers), ``σ = ‖w‖ / sqrt(s)``, ``v = w / ‖w‖``; a layer stops
-    when ``|σ - σ_prev| <= tol · σ`` or after ``max_iters``. σ is 0.0 for a zero matrix and nan
-    for non-finite entries (the caller records the failure).
+    Iteration (per layer, unit ``v``): ``u_r = M_r v``, ``w' = Σ_r M_rᵀ u_r``,
+    ``α² = Σ_r ‖u_r‖²`` (one all-reduce for all active layers); ``w = w' / α = Mᵀu`` with
+    ``u = M v / α``; the relative residual ``‖w - α v‖ / α`` of the pair (u, v) bounds the
+    distance of α to a singular value (SPEC 6); stop when it is at most ``tol``. σ = ‖w‖,
+    a lower bound of σ1 at least α; ``v = w / ‖w‖``. σ is 0.0 for a zero matrix and nan
+    for non-finite entries; ``converged`` is False after ``max_iters`` (the caller records
+    the failure). Power iteration needs about ``log(tol) / (2 log(σ2/σ1))`` iterations:
+    many on the flat spectra of freshly initialised matrices, where gathering the matrix
+    on its owner (Lanczos there) is the better choice.
     """
     mats = [b.detach().to(torch.float32) for b in blocks]
-    vs = [_start_vector(v0, m.shape[1], m.device) for v0, m in zip(v0s, mats)]
+    vs = [_unit_start(v0, m.shape[1], m.device) for v0, m in zip(v0s, mats)]
     warm = [v0 is not None for v0 in v0s]
-    prev = [0.0] * len(mats)
     out: list[ShardedPower | None] = [None] * len(mats)
+    last = [ShardedPower(math.nan, v, 0, False) for v in vs]
     active = list(range(len(mats)))
     for it in range(1, max_iters + 1):
         if not active:
@@ -104,27 +108,40 @@ def power_sigma_rows(blocks: Sequence[torch.Tensor], v0s: Sequence[torch.Tensor 
         s_all = flat[sum(sizes):].double().tolist()
         still = []
         for l, w, s in zip(active, parts, s_all):
+            alpha = math.sqrt(s) if s > 0 else 0.0
+            w = w / alpha if alpha > 0 else w
             wn = float(torch.linalg.vector_norm(w))
-            sigma = wn / math.sqrt(s) if s > 0 else math.nan
-            if not (math.isfinite(sigma) and wn > 0):
+            if not (math.isfinite(wn) and alpha > 0 and wn > 0):
                 if s == 0 and warm[l] and fro2[l] > 0:  # warm start in the null space: restart
                     warm[l] = False
-                    vs[l] = _start_vector(None, mats[l].shape[1], mats[l].device)
+                    vs[l] = _unit_start(None, mats[l].shape[1], mats[l].device)
                     still.append(l)
                     continue
                 zero = s == 0 and fro2[l] == 0
                 out[l] = ShardedPower(0.0 if zero else math.nan, vs[l], it, False)
                 continue
+            residual = float(torch.linalg.vector_norm(w - alpha * vs[l])) / alpha
             vs[l] = (w / wn).to(torch.float32)
-            if abs(sigma - prev[l]) <= tol * sigma:
-                out[l] = ShardedPower(sigma, vs[l], it, True)
+            last[l] = ShardedPower(wn, vs[l], it, residual <= tol, residual)
+            if residual <= tol:
+                out[l] = last[l]
                 continue
-            prev[l] = sigma
             still.append(l)
         active = still
     for l in active:
-        out[l] = ShardedPower(prev[l], vs[l], max_iters, False)
+        out[l] = last[l]
     return out  # type: ignore[return-value]
+
+
+def _unit_start(v0: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``v0`` normalised, or a fixed-seed random unit vector when it is unusable."""
+    if v0 is not None and v0.shape == (n,):
+        v = v0.detach().to(device=device, dtype=torch.float32)
+        norm = float(torch.linalg.vector_norm(v))
+        if math.isfinite(norm) and norm > 0:
+            return v / norm
+    v = torch.randn(n, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    return v / torch.linalg.vector_norm(v)
 
 
 def gather_whole(shards: Sequence[torch.Tensor], shapes: Sequence[torch.Size], comm: Comm,
