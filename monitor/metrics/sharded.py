@@ -29,25 +29,26 @@ from dataclasses import dataclass
 import torch
 
 from monitor.distributed import Comm, chunk_rows
+from monitor.metrics import norms
 
 
 def local_sq_sums(tensors: Sequence[torch.Tensor | None]) -> tuple[list[float], int]:
     """``([‖T‖_F² for T in tensors], non-finite entries over them)`` of local tensors.
 
-    ``None`` entries (not this rank's to count) give 0. One fused norm; only tensors whose
+    ``None`` entries (not this rank's to count) give 0. Fused norms as ``norms`` computes
+    them (float64 tensors in float64, sparse ones through their values); only tensors whose
     norm is not finite are counted entry by entry (as ``norms.nonfinite_count``).
     """
     idx = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
     sq = [0.0] * len(tensors)
     if not idx:
         return sq, 0
-    norms = torch._foreach_norm([tensors[i].detach() for i in idx], 2, dtype=torch.float32)
-    host = torch.stack([n.to(norms[0].device) for n in norms]).double().cpu().tolist()
+    host = norms._to_floats(norms._norm_tensors([tensors[i] for i in idx]))
     count = 0
     for i, n in zip(idx, host):
         sq[i] = n * n
         if not math.isfinite(n):
-            count += int((~torch.isfinite(tensors[i].detach())).sum().item())
+            count += int((~torch.isfinite(norms.dense_values(tensors[i]))).sum().item())
     return sq, count
 
 

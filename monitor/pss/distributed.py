@@ -101,6 +101,9 @@ class DistributedPSSController(PSSController):
                 cfg = self.config
                 M_new, info = smooth_matrix(views.matrix_view(whole, kind), cfg.method,
                                             k_min=cfg.k_min, k_max=cfg.k_max, **params)
+                if not torch.isfinite(M_new).all():  # never write NaN/inf into the model
+                    raise ValueError("the smoothed weight has non-finite entries; the weight "
+                                     "was kept")
                 outcome = (True, info)
             except Exception as err:  # reported by every rank, below
                 outcome = (False, f"{err} (on rank {owner})")
