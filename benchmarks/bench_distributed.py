@@ -96,8 +96,9 @@ def run(rank: int, world: int, mode: str, spec: dict, root: str) -> dict:
     elif mode == "ddp" and world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = MonitorConfig.preset("full", every=1, ntk_probe=8, warn_overhead=0,
-                                  sharded_sigma="power" if mode == "fsdp-power" else "gather")
+    power = {"sharded_sigma": "power", "power_iters": POWER_MAX_ITERS} if mode == "fsdp-power" \
+        else {"sharded_sigma": "gather"}  # power: enough iterations to converge (flat spectra)
+    config = MonitorConfig.preset("full", every=1, ntk_probe=8, warn_overhead=0, **power)
     mon = monitor.watch(model, opt, os.path.join(root, f"{mode}-w{world}"), config=config)
     comm = mon._dist.comm if mon._dist is not None else None
     per_step = []
