@@ -289,6 +289,9 @@ def report(spec: dict, results: dict, root: str) -> str:
         cols = [(w, mode) for w, _ in sig for mode in ("fsdp", "fsdp-power")]
         table = {c: equality(root, *c) for c in cols}
         fams = sorted({f for c in cols for f in table[c]})
+        body += ("\nThe power arm differs from the single process as much as the single process's "
+                 "own sigma_max differs from `svdvals` (the gather column of the table above): it "
+                 "is the more accurate of the two there; SJE's k = floor(SR) follows.\n\n")
         body += md_table(["metric", *[f"world {w}, {'power' if m.endswith('power') else 'gather'}"
                                       for w, m in cols]],
                          [[f, *[f"{table[c].get(f, math.nan):.1e}" for c in cols]] for f in fams])
