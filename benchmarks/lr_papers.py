@@ -52,6 +52,11 @@ OUT = os.path.join(os.path.dirname(__file__), "results", "lr_papers.md")
 
 
 # ====================================================================== statistics
+def log(msg: str) -> None:
+    """Progress on stderr (long runs on a shared machine)."""
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
 def mean_sd(xs: Sequence[float], fmt: str = ".3g") -> str:
     bad = sum(not math.isfinite(x) for x in xs)
     if bad:
@@ -231,8 +236,11 @@ def lw_init_experiment(cfg: dict) -> tuple[str, str]:
             f"{list(seeds)}; uniform guess = ln 128 = 4.85.\n")
     outcomes, edges, heads = [], [], []
     for opt_name, lrs in cfg["grids"].items():
-        res = {m: {lr: [lw_run(cfg, opt_name, m, lr, s, data) for s in seeds] for lr in lrs}
-               for m in ("single LR", "LW-init")}
+        res: dict[str, dict[float, list[float]]] = {"single LR": {}, "LW-init": {}}
+        for lr in lrs:
+            for m in res:
+                res[m][lr] = [lw_run(cfg, opt_name, m, lr, s, data) for s in seeds]
+                log(f"lw {opt_name} lr {lr} {m}: {mean_sd(res[m][lr])}")
         rows = [[lr, mean_sd(res["single LR"][lr]), mean_sd(res["LW-init"][lr]),
                  comparison_cell(compare(res["single LR"][lr], res["LW-init"][lr], True))]
                 for lr in lrs]
@@ -348,8 +356,11 @@ def tvlars_experiment(cfg: dict) -> tuple[str, str]:
             "Entry: test accuracy, mean ± sd over seeds (chance 0.10).\n")
     outcomes, edges, heads = [], [], []
     for batch, lrs in cfg["grids"].items():
-        res = {m: {lr: [large_batch_run(cfg, m, lr, s, data, batch) for s in seeds]
-                   for lr in lrs} for m in methods}
+        res: dict[str, dict[float, list[float]]] = {m: {} for m in methods}
+        for lr in lrs:
+            for m in methods:
+                res[m][lr] = [large_batch_run(cfg, m, lr, s, data, batch) for s in seeds]
+                log(f"tvlars B {batch} lr {lr} {m}: {mean_sd(res[m][lr])}")
         steps = cfg["epochs"] * (cfg["n_train"] // batch)
         rows = [[lr] + [mean_sd(res[m][lr]) for m in methods] for lr in lrs]
         text += f"\n**Batch {batch}** ({steps} steps):\n\n"
@@ -512,7 +523,8 @@ def gaussian_mixture(n: int, d_in: int = 32, classes: int = 10):
     return centers[y] + 1.5 * torch.randn(n, d_in, generator=gen), y
 
 
-def arch_family_table(name: str, family, cfg: dict, data, offset_official: int) -> tuple[str, str]:
+def arch_family_table(name: str, family, cfg: dict, data, offset_official: int,
+                      cache: dict[str, tuple[float, list[float]]]) -> tuple[str, str]:
     lrs = [cfg["lr_min"] * 2 ** (k / 2) for k in range(cfg["n_lrs"])]  # x sqrt(2) steps
     seeds = cfg["seeds"]
     base = family[0][1]()
@@ -524,7 +536,10 @@ def arch_family_table(name: str, family, cfg: dict, data, offset_official: int) 
         except NoPathError:
             rows.append([label, "no path", "-", "-", "rejected (no input-output path)", "-"])
             continue
-        best, per_seed = best_lr(make, lrs, seeds, data, cfg["batch"])
+        if label not in cache:  # the chains come back in the mixed family
+            cache[label] = best_lr(make, lrs, seeds, data, cfg["batch"])
+            log(f"arch {label}: best lr {cache[label][0]:.3g}")
+        best, per_seed = cache[label]
         if best in (lrs[0], lrs[-1]):
             edge.append(label)
         pred = lr_scale(base, model)
@@ -569,11 +584,12 @@ def arch_experiment(cfg: dict) -> tuple[str, str]:
             "Predicted scale = `lr_scale(first architecture, model)`; Pearson r of log best "
             "lr against log predicted scale, with a bootstrap interval over architectures. "
             "Verdict: 'reproduced' when the interval's lower end is at least 0.5.\n")
-    heads = []
+    heads: list[str] = []
+    cache: dict[str, tuple[float, list[float]]] = {}
     for name, family in arch_families(cfg).items():
         is_cells = name.startswith("NAS")
         part, head = arch_family_table(name, family, cfg, img_data if is_cells else mlp_data,
-                                       offset_official=-1 if is_cells else 1)
+                                       offset_official=-1 if is_cells else 1, cache=cache)
         text += part
         heads.append(head)
     text += ("\nDepth counts: ours is the paper's L_p (parameterised layers on the path, stem "
@@ -601,7 +617,7 @@ CONFIGS = {
         "lw": dict(layers=4, width=64, ctx=32, n_seq=128, batch=16, epochs=40, seeds=SEEDS,
                    grids={"AdamW": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
                           "Lion": [6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3]}),
-        "tvlars": dict(n_train=16384, size=16, channels=16, epochs=20, seeds=SEEDS,
+        "tvlars": dict(n_train=8192, size=12, channels=8, epochs=20, seeds=SEEDS,
                        pairs=[(10.0, 0.5), (20.0, 0.25)],
                        grids={1024: [5.0, 8.0, 10.0], 4096: [12.0, 15.0, 20.0]}),
         "arch": dict(width=64, channels=8, size=8, n_train=4096, batch=64, lr_min=2 ** -6,
@@ -674,7 +690,12 @@ def main() -> None:
     if args.quick:
         print("\n".join(sections.values()))
         return
-    write_results(args.out, TITLE, merge_sections(args.out, sections))
+    import fcntl
+
+    with open(args.out + ".lock", "w") as lock:  # parts may run as parallel processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_results(args.out, TITLE, merge_sections(args.out, sections))
+    os.remove(args.out + ".lock")
 
 
 if __name__ == "__main__":
