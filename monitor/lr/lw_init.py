@@ -15,9 +15,9 @@ describe them) rescales the raw rates so that their sum cancels out: ``sum_l m_l
 the number of rates assigned, i.e. the mean is 1 over every tensor that gets a rate. We
 follow that, biases and norm gains included, since each of them gets its own rate. The
 consequence: biases' gradients per entry are larger than the weights', so their
-multipliers are below 1 and the weight matrices' average above 1 (measured on the
-ReLU MLPs of ``benchmarks/lr_papers.py``: 1.26 at depth 4, 1.44 at depth 8), i.e. the
-weights train faster than the base ``lr`` on average. ``normalize_over=`` (names) takes
+multipliers are below 1 and the weight matrices' average above 1 (measured on ReLU MLPs
+of width 256 with biases, default init, 3 seeds: 1.24-1.25 at depth 4, 1.44 at depth 8),
+i.e. the weights train faster than the base ``lr`` on average. ``normalize_over=`` (names) takes
 the mean over those tensors only, e.g. the weight matrices, so that ``lr`` is their
 average rate. An LR sweep absorbs either choice (it changes one global factor): ``lr_l = lr * m_l``, one param group per tensor (named after it), so any
 ``torch.optim`` optimizer and LR scheduler work unchanged (a scheduler scales every
