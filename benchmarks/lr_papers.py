@@ -616,7 +616,7 @@ CONFIGS = {
     "full": {
         "lw": dict(layers=4, width=64, ctx=32, n_seq=128, batch=16, epochs=40, seeds=SEEDS,
                    grids={"AdamW": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
-                          "Lion": [6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3]}),
+                          "Lion": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]}),
         "tvlars": dict(n_train=8192, size=12, channels=8, epochs=20, seeds=SEEDS,
                        pairs=[(10.0, 0.5), (20.0, 0.25)],
                        grids={1024: [5.0, 8.0, 10.0], 4096: [12.0, 15.0, 20.0]}),
@@ -626,7 +626,7 @@ CONFIGS = {
     "reduced": {
         "lw": dict(layers=4, width=32, ctx=32, n_seq=64, batch=16, epochs=40, seeds=SEEDS,
                    grids={"AdamW": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
-                          "Lion": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3]}),
+                          "Lion": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]}),
         "tvlars": dict(n_train=8192, size=8, channels=8, epochs=20, seeds=SEEDS,
                        pairs=[(10.0, 0.5), (20.0, 0.25)],
                        grids={1024: [5.0, 8.0, 10.0], 4096: [12.0, 15.0, 20.0]}),
