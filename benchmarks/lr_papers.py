@@ -678,13 +678,13 @@ def main() -> None:
     sections = {}
     for key in args.only or list(PARTS):
         title, fn = PARTS[key]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         text, head = fn(CONFIGS[size][key])
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu
         print(f"[{key}] {took:.0f} s: {head}", flush=True)
         label = "" if size == "full" else f" ({size.upper()} run: smaller than the full design)"
-        sections[title] = (f"## {title}\n\n_Mode: {size}{label}; {took / 60:.1f} min on one "
-                           f"thread; commit {commit()}; `python benchmarks/lr_papers.py"
+        sections[title] = (f"## {title}\n\n_Mode: {size}{label}; {took / 60:.1f} min wall, {cpu / 60:.1f} "
+                           f"min CPU on one thread of the shared machine; commit {commit()}; `python benchmarks/lr_papers.py"
                            f"{' --' + size if size != 'full' else ''} --only {key}`._\n"
                            f"{text}\nHeadline: {head}\n")
     if args.quick:
