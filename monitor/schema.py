@@ -73,7 +73,10 @@ PSS_LAYER_METRICS: tuple[str, ...] = (
 
 #: Files a run directory may hold besides event files.
 CONTROL_FILENAME = "control.json"
-RUN_FILENAME = "run.json"  # {"status": "running"|"finished", "layers": [...], ...}
+RUN_FILENAME = "run.json"  # {"status": RUN_STATES[i], "layers": [...], "pid": ..., ...}
+PSS_INPUT_FILENAME = "pss_input.bin"  # the PSS detector's input at every step (pss/inputs.py)
+#: ``run.json`` states the job writes: running, then how it ended.
+RUN_STATES: tuple[str, ...] = ("running", "finished", "interrupted", "crashed")
 
 
 def layer_tag(metric: str, layer: str) -> str:
