@@ -195,7 +195,7 @@ def line(x, y, name: str, color: str, dash: str = "solid", hover: str = "", widt
 
 def log_axis(fig: go.Figure, **where) -> None:
     """A log y axis whose tick labels are whole numbers (0.5, 2e-3), not mantissas ("5")."""
-    fig.update_yaxes(type="log", tickformat="~g", exponentformat="e", **where)
+    fig.update_yaxes(type="log", tickformat="~g", dtick="D2", exponentformat="e", **where)
 
 
 def reference(fig: go.Figure, lines: Sequence[tuple[float, str]], **where) -> None:
@@ -227,7 +227,8 @@ def heatmap_figure(layers: Sequence[str], steps: np.ndarray, z: np.ndarray, metr
 
     ``scale`` names what ``z`` holds (a ``transforms.HEAT_SCALES`` entry) for the labels."""
     shown = finite_or_nan(z)
-    label = metric if scale == "value" else f"{metric} / layer's {scale.split()[-2]} value"
+    label = {transforms.HEAT_SCALES[1]: f"{metric} / layer's first value",
+             transforms.HEAT_SCALES[2]: f"{metric} / layer's median"}.get(scale, metric)
     if log:
         with np.errstate(invalid="ignore", divide="ignore"):
             shown = np.where(shown > 0, np.log10(np.where(shown > 0, shown, 1.0)), np.nan)

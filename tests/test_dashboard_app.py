@@ -67,7 +67,7 @@ def test_every_view_renders_single_and_compared(logdir, monkeypatch):
 
 def test_overview_lists_alerts_with_layer_and_step(logdir, monkeypatch):
     at = open_app(logdir, monkeypatch)
-    alerts = at.dataframe[1].value
+    alerts = at.dataframe[0].value
     rows = set(zip(alerts["kind"], alerts["layer"], alerts["step"]))
     assert ("stable rank collapse", "blocks.0.attn.weight", 200) in rows
     assert ("SJE sustained", "embed.weight", 100) in rows
@@ -186,11 +186,11 @@ def test_refresh_picks_up_new_events(tmp_path, monkeypatch):
     write_run(str(tmp_path / "live"), steps=10, status="running")
     at = open_app(tmp_path, monkeypatch)
     assert at.sidebar.toggle(key="auto").value is True  # a live run turns live refresh on
-    assert at.dataframe[0].value["last step"][0] == 90
+    assert at.table[0].value["last step"].iloc[0] == 90
     write_run(str(tmp_path / "live"), steps=5, start_step=10, status="running")
     at.run()
     assert not at.exception
-    assert at.dataframe[0].value["last step"][0] == 140
+    assert at.table[0].value["last step"].iloc[0] == 140
     show(at, "PSS control")  # live refresh on: the status panel runs as a fragment
     assert [m.label for m in at.metric][:2] == ["control.json version", "acknowledged by the job"]
     assert "live" in texts(at.subheader)
@@ -300,8 +300,8 @@ def test_run_states_interrupted_crashed_and_stale(tmp_path, monkeypatch):
     meta_path.write_text(json.dumps(meta))
     at = open_app(tmp_path, monkeypatch)
     at.sidebar.multiselect(key="runs").set_value(["ctrl_c", "boom", "killed"]).run()
-    table = at.dataframe[0].value
-    assert dict(zip(table["run"], table["state"])) == {
+    table = at.table[0].value
+    assert dict(zip(table.index, table["state"])) == {
         "ctrl_c": "interrupted", "boom": "crashed", "killed": "stale"}
 
 

@@ -18,7 +18,8 @@ WINDOW = 30  # logged steps shown either side of an alert
 
 def render(ctx: Context) -> None:
     st.subheader("Runs")
-    st.dataframe(runs_rows(ctx), hide_index=True, width="stretch")
+    # a static table: readable as text (and by a browser test), re-drawn on each refresh
+    st.table(pd.DataFrame(runs_rows(ctx)).set_index("run").fillna(""))
     if not len(ctx.table):
         return
     alerts_section(ctx)
