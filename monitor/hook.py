@@ -392,7 +392,8 @@ class Monitor:
     def _write_header(self) -> None:
         if self.step > 0:  # resumed from a checkpoint: supersede what a crashed run logged later
             self._writer.write_session_start(self.step)
-        self._writer.write_summary(default_layout(GLOBAL_TAGS), step=self.step)
+        self._writer.write_summary(default_layout(GLOBAL_TAGS, [l.name for l in self.layers]),
+                                   step=self.step)
         header = {schema.TAG_SJE_K_MAX: float(self.config.sje_k_max)}
         text = {schema.TAG_RUN_CONFIG: "```json\n" + json.dumps(self._run_info(), indent=1) + "\n```"}
         self._writer.write(self.step, header, text)
