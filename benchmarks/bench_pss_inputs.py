@@ -1,6 +1,11 @@
 """What recording the PSS detector's input at every step costs, against the alternative.
 
     python benchmarks/bench_pss_inputs.py     # writes benchmarks/results/pss_inputs.md
+    python benchmarks/bench_pss_inputs.py --check-run runs/chargpt-...   # and a real run
+
+``--check-run`` adds, for a run written with PSS on, the steps the job intervened at (its
+``pss/intervention`` tag), the steps the exact replay over ``pss_input.bin`` triggers at on
+the job's settings, and what the old replay over the logged steps found.
 
 The dashboard's exact what-if needs the value the detector saw at every optimizer step.
 Two ways to put it on disk, timed side by side in one process (median of 5 rounds):
@@ -36,7 +41,35 @@ def per_step(fn, steps: int = STEPS) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def check_run(run_dir: str) -> str:
+    """The job's interventions against both replays, on the job's own settings."""
+    from dashboard import charts, data
+    from monitor import schema
+    from monitor.pss.inputs import replay
+
+    reader = data.RunReader(run_dir)
+    reader.refresh()
+    table = reader.table()
+    job = charts.intervention_steps(table).tolist()
+    segments = read_inputs(run_dir)
+    steps, _, _, hits = replay(segments)
+    exact = [s for s, h in zip(steps, hits) if h]
+    settings = segments[0].settings[0] if segments and segments[0].settings else None
+    config = schema.PSSConfig(tau=settings[1], alpha=settings[2], warmup_steps=settings[3])
+    logged_steps, grads = charts.series(table, schema.TAG_GLOBAL_GRAD_NORM)
+    _, old = charts.whatif_replay(logged_steps, grads, config)
+    return md_table(["run", "steps seen", "job intervened at", "exact replay (pss_input.bin)",
+                     f"old replay over {len(logged_steps)} logged steps"],
+                    [[os.path.basename(run_dir.rstrip('/')), len(steps), job, exact,
+                      logged_steps[old].tolist()]])
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check-run", default=None)
+    args = parser.parse_args()
     sidecar, scalar = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(5):
@@ -65,6 +98,10 @@ def main() -> None:
             + md_table(["what", "microseconds per step", "size / note"], rows)
             + "\n\nA training step of the demo char-GPT takes about 0.5 s on 2 cores; the "
               "sidecar's cost is below 1e-4 of it.")
+    if args.check_run:
+        body += ("\n\nOn a real run (the demo, `python demos/train_chargpt.py --pss`, its "
+                 "settings: tau 2.5, alpha 0.1, warm-up 100; the issue's demo run intervened at "
+                 "step 236 too):\n\n" + check_run(args.check_run))
     write_results(RESULTS, "PSS detector input on disk: sidecar file against scalar events",
                   body)
 

@@ -132,15 +132,22 @@ def heatmap_matrix(table: pd.DataFrame, metric: str, layers: Sequence[str],
     c = np.searchsorted(steps, step_values)
     z = np.full((len(layers), len(steps)), np.nan)
     z[r, c] = values
-    if len(steps) > max_steps:
-        starts = np.linspace(0, len(steps), max_steps, endpoint=False).astype(np.int64)
-        finite = np.isfinite(z)
-        total = np.add.reduceat(np.where(finite, z, 0.0), starts, axis=1)
-        count = np.add.reduceat(finite.astype(np.int64), starts, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        steps = steps[starts]
-    return steps, z
+    return bin_columns(steps, z, max_steps)
+
+
+def bin_columns(steps: np.ndarray, z: np.ndarray, max_steps: int = MAX_HEATMAP_STEPS
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_steps`` columns: the mean of each bin's finite values (NaN where it
+    has none), labelled by the bin's first step."""
+    if len(steps) <= max_steps:
+        return steps, z
+    starts = np.linspace(0, len(steps), max_steps, endpoint=False).astype(np.int64)
+    finite = np.isfinite(z)
+    total = np.add.reduceat(np.where(finite, z, 0.0), starts, axis=1)
+    count = np.add.reduceat(finite.astype(np.int64), starts, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return steps[starts], z
 
 
 # ---------------------------------------------------------------------------------------

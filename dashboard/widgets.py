@@ -81,8 +81,10 @@ def chart(fig, key: str, rows: pd.DataFrame | None = None) -> None:
                     config={"toImageButtonOptions": {"format": "png", "filename": key,
                                                      "scale": 2}})
     if rows is not None and len(rows):
-        st.download_button("CSV", rows.to_csv(index=False).encode(), file_name=f"{key}.csv",
-                           mime="text/csv", key=f"csv_{key}",
+        # deferred: the CSV is built only when clicked, not on every (live) rerun
+        st.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
+                           file_name=f"{key}.csv", mime="text/csv", key=f"csv_{key}",
+                           on_click="ignore",
                            help="the chart's data, one row per point (tidy: run, step, "
                                 "wall_time, metric, layer, value)")
 
