@@ -19,7 +19,6 @@ from plotly.subplots import make_subplots
 
 from dashboard import transforms
 from monitor import schema
-from monitor.pss import detect, inputs
 
 MAX_POINTS = 2000  # points per line after downsampling
 MAX_HEATMAP_STEPS = 400  # step columns of a heatmap after binning
@@ -218,7 +217,8 @@ def x_title(style: Style) -> str:
             "relative time (h)": "hours since the run started"}.get(style.x, style.x)
 
 
-def _layout(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+def frame(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+    """Title, height, a small legend above the plot, full names in the hover."""
     fig.update_layout(title=dict(text=title, y=0.99, yanchor="top"), height=height,
                       margin=dict(l=10, r=10, t=90, b=10),
                       legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0,
@@ -251,7 +251,7 @@ def heatmap_figure(layers: Sequence[str], steps: np.ndarray, z: np.ndarray, metr
         fig.update_yaxes(tickmode="array", tickvals=list(layers))
     fig.update_yaxes(autorange="reversed", showticklabels=len(layers) <= 60)
     height = int(min(1000, max(320, 20 * len(layers) + 150)))
-    fig = _layout(fig, title or f"{metric}: layer x step", height)
+    fig = frame(fig, title or f"{metric}: layer x step", height)
     fig.update_layout(hovermode="closest")
     fig.update_xaxes(title="optimizer step")
     return fig
@@ -282,7 +282,7 @@ def lines_figure(table: pd.DataFrame, metric: str, layers: Sequence[str], log: b
     reference(fig, refs)
     fig.update_yaxes(title=y_title or metric)
     fig.update_xaxes(title=x_title(style))
-    return _layout(fig, f"{metric} per layer")
+    return frame(fig, f"{metric} per layer")
 
 
 def _short(run: str, n: int = 24) -> str:
@@ -321,7 +321,7 @@ def overview_figure(table: pd.DataFrame, max_points: int = MAX_POINTS,
     fig.update_yaxes(title="loss (nats)", row=1, col=1)
     fig.update_yaxes(title="||g|| (all parameters)", row=2, col=1)
     fig.update_xaxes(title=x_title(style), row=2, col=1)
-    return _layout(fig, "loss and gradient norm", height=520)
+    return frame(fig, "loss and gradient norm", height=520)
 
 
 def lr_figure(table: pd.DataFrame, layers: Sequence[str], max_points: int = MAX_POINTS,
@@ -343,58 +343,4 @@ def lr_figure(table: pd.DataFrame, layers: Sequence[str], max_points: int = MAX_
     log_axis(fig)
     fig.update_yaxes(title="learning rate (per step)")
     fig.update_xaxes(title=x_title(style))
-    return _layout(fig, "applied (solid) and effective (dotted) learning rate", height=420)
-
-
-def whatif_replay(steps: np.ndarray, grad_norms: np.ndarray, config: schema.PSSConfig
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ratios, triggered)`` per logged step: the job's own rule (``monitor.pss.detect``).
-
-    The fallback for runs without ``pss_input.bin`` (see :func:`whatif_exact`): the warm-up
-    follows the step numbers; the average moves once per logged value, so on a run logged
-    every N steps this only approximates what the job, which sees every step, does.
-    """
-    pairs = zip(np.asarray(steps).tolist(), np.asarray(grad_norms, float).tolist())
-    rows = detect.trace(pairs, config.tau, config.alpha, config.warmup_steps)
-    return (np.array([r[1] for r in rows], float).reshape(-1),
-            np.array([r[2] for r in rows], bool).reshape(-1))
-
-
-def whatif_exact(segments, config: schema.PSSConfig | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(steps, values, ratios, triggered)`` over every step the job's detector saw
-    (``monitor.pss.inputs``), with ``config``'s tau, alpha and warm-up throughout; None
-    replays the job's own settings history, i.e. exactly its triggers."""
-    if config is None:
-        steps, values, ratios, hits = inputs.replay(segments)
-    else:
-        steps, values, ratios, hits = inputs.replay(segments, config.tau, config.alpha,
-                                                    config.warmup_steps)
-    return (np.asarray(steps, np.int64), np.asarray(values, float), np.asarray(ratios, float),
-            np.asarray(hits, bool))
-
-
-def whatif_figure(steps: np.ndarray, grad_norms: np.ndarray, triggered: np.ndarray,
-                  logged: np.ndarray | None = None, every_step: bool = False) -> go.Figure:
-    """Gradient norm with the steps the chosen settings would trigger on (and those logged)."""
-    fig = go.Figure()
-    x, y = downsample(np.asarray(steps), np.asarray(grad_norms, float))
-    fig.add_trace(line(x, y, "global gradient norm (detector input)" if every_step
-                       else "global gradient norm", PALETTE[0]))
-    hit = np.asarray(triggered, bool)
-    marks = finite_or_nan(grad_norms)
-    top = np.nanmax(marks) if np.isfinite(marks).any() else 1.0
-    marks = np.where(np.isnan(marks), top, marks)  # a non-finite norm triggers: mark it on top
-    fig.add_trace(go.Scatter(x=np.asarray(steps)[hit], y=marks[hit],
-                             mode="markers", name="would trigger",
-                             marker=dict(symbol="circle-open", size=12, color="#ff7f0e",
-                                         line=dict(width=2))))
-    if logged is not None and len(logged):
-        gy = np.interp(logged, steps, grad_norms) if len(steps) else np.ones(len(logged))
-        fig.add_trace(go.Scatter(x=logged, y=gy, mode="markers", name="the job intervened",
-                                 marker=dict(symbol="x", size=9, color="#d62728")))
-    log_axis(fig)
-    fig.update_yaxes(title="||g|| (all parameters)")
-    fig.update_xaxes(title="optimizer step")
-    what = "every step's detector input" if every_step else "the logged gradient norms"
-    return _layout(fig, f"what-if: detection replayed over {what}")
+    return frame(fig, "applied (solid) and effective (dotted) learning rate", height=420)

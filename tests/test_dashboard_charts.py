@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from dashboard import alerts, charts, data
+from dashboard import alerts, charts, data, whatif
 from monitor import schema
 from tests.dashboard_fixtures import layer_names, write_run
 
@@ -156,7 +156,7 @@ def test_whatif_replay_is_the_jobs_detector(config):
     grads[150] = math.inf
     grads[160] = math.nan
     steps = np.arange(200)
-    ratios, hits = charts.whatif_replay(steps, grads, config)
+    ratios, hits = whatif.whatif_replay(steps, grads, config)
     want_ratios, want_hits = job_detector_on(grads, config)
     np.testing.assert_array_equal(hits, want_hits)
     np.testing.assert_allclose(ratios, want_ratios, rtol=0, atol=0)
@@ -167,15 +167,15 @@ def test_whatif_replay_is_the_jobs_detector(config):
 def test_whatif_replay_warm_up_follows_logged_step_numbers():
     steps = np.array([0, 50, 100, 150, 200])
     grads = np.array([1.0, 1.0, 5.0, 1.0, 5.0])
-    _, hits = charts.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=120))
+    _, hits = whatif.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=120))
     assert hits.tolist() == [False, False, False, False, True]
-    _, hits = charts.whatif_replay(steps[:0], grads[:0], schema.PSSConfig())
+    _, hits = whatif.whatif_replay(steps[:0], grads[:0], schema.PSSConfig())
     assert hits.shape == (0,)
 
 
 def test_whatif_figure():
     steps = np.arange(10) * 10
-    fig = charts.whatif_figure(steps, np.ones(10), np.arange(10) == 3, np.array([30]))
+    fig = whatif.whatif_figure(steps, np.ones(10), np.arange(10) == 3, np.array([30]))
     assert [t.name for t in fig.data] == ["global gradient norm", "would trigger",
                                           "the job intervened"]
     assert list(fig.data[1].x) == [30]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import cache, charts, data, transforms, widgets
+from dashboard import cache, charts, data, transforms, whatif, widgets
 from dashboard.views import Context
 from monitor import schema
 
@@ -40,7 +40,7 @@ def render(ctx: Context) -> None:
     config, error = form(run, base)
     if error:
         st.error(f"Invalid setting, nothing will be written: {error}")
-    whatif(config, ctx.run_table(run.name), run_dir)
+    preview(config, ctx.run_table(run.name), run_dir)
     left, right, _ = st.columns([1, 1, 3])
     if left.button("Apply", type="primary", key="pss_apply"):
         if config is None:
@@ -180,7 +180,7 @@ def show_control_state(run, control, control_error, table, reader) -> None:
         st.dataframe(events.drop(columns="run"), hide_index=True, width="stretch")
 
 
-def whatif(config, table, run_dir: str) -> None:
+def preview(config, table, run_dir: str) -> None:
     st.subheader("What-if preview")
     if config is None:
         st.info("Fix the settings above to see the preview.")
@@ -188,8 +188,8 @@ def whatif(config, table, run_dir: str) -> None:
     logged = charts.intervention_steps(table)
     segments = cache.detector_input_of(run_dir)
     if segments:
-        steps, values, _, hits = charts.whatif_exact(segments, config)
-        job = charts.whatif_exact(segments, None)
+        steps, values, _, hits = whatif.whatif_exact(segments, config)
+        job = whatif.whatif_exact(segments, None)
         job_hits = job[0][job[3]]
         share = 100.0 * hits.sum() / max(1, len(hits))
         st.caption(
@@ -200,20 +200,20 @@ def whatif(config, table, run_dir: str) -> None:
             "the paper: fewer than 0.1% of steps)."
             + (" Per-layer detection is not replayed: this is the global rule." if
                config.per_layer else ""))
-        widgets.chart(charts.whatif_figure(steps, values, hits, logged, every_step=True),
+        widgets.chart(whatif.whatif_figure(steps, values, hits, logged, every_step=True),
                       "whatif")
         return
     steps, grads = charts.series(table, schema.TAG_GLOBAL_GRAD_NORM)
     if not len(steps):
         st.info("No train/grad_norm logged yet: nothing to replay.")
         return
-    _, hits = charts.whatif_replay(steps, grads, config)
+    _, hits = whatif.whatif_replay(steps, grads, config)
     share = 100.0 * hits.sum() / len(hits)
     st.caption(f"With tau={config.tau:g}, alpha={config.alpha:g}: {int(hits.sum())} of "
                f"{len(hits)} logged steps would trigger ({share:.2g}%). This run has no "
                "pss_input.bin (PSS off, or an older monitor): replayed over logged steps only, "
                "while the job checks every step, so it can differ from what the job did.")
-    widgets.chart(charts.whatif_figure(steps, grads, hits, logged), "whatif")
+    widgets.chart(whatif.whatif_figure(steps, grads, hits, logged), "whatif")
 
 
 def _steps_text(steps: np.ndarray, n: int = 8) -> str:
