@@ -82,3 +82,14 @@ def test_a_resumed_job_starts_a_new_segment_and_a_torn_tail_is_ignored(tmp_path)
 def test_no_file_means_none_and_parse_of_empty_is_empty(tmp_path):
     assert inputs.read_inputs(str(tmp_path)) is None
     assert inputs.parse(b"") == []
+
+
+def test_a_control_file_adopted_at_start_sets_the_first_segments_settings(tmp_path):
+    schema.write_control(str(tmp_path), PSSConfig(warmup_steps=5, method="clip", tau=4.0))
+    mon = train(str(tmp_path), 40, PSSConfig(warmup_steps=5, method="clip"),
+                spikes=[(20, 3.0), (30, 6.0)])
+    assert mon.pss.config.tau == 4.0 and mon.pss.interventions == [30]
+    segments = inputs.read_inputs(str(tmp_path))
+    assert segments[0].settings[0][:2] == (0, 4.0)
+    steps, _, _, hits = inputs.replay(segments)
+    assert [s for s, h in zip(steps, hits) if h] == [30]

@@ -69,10 +69,9 @@ class PSSController:
         self.interventions: list[int] = []  # steps at which weights were smoothed
         self.watcher = ControlWatcher(logdir, check_every=check_every)
         self._pending = PSSStepResult()  # start-up messages, returned with the first step
-        self._start_control()
         # every step's detector input, for the dashboard's exact what-if replay
-        self.inputs = InputLog(logdir, start_step, self.config.tau, self.config.alpha,
-                               self.config.warmup_steps)
+        self.inputs = InputLog(logdir, start_step, config.tau, config.alpha, config.warmup_steps)
+        self._start_control()
 
     @property
     def wants_layer_norms(self) -> bool:
@@ -206,8 +205,7 @@ class PSSController:
             for det in [self.detector, *self.layer_detectors.values()]:
                 det.tau, det.alpha, det.warmup_steps = (self.config.tau, self.config.alpha,
                                                         self.config.warmup_steps)
-            if hasattr(self, "inputs"):  # not yet at start-up, which records its settings
-                self.inputs.settings(self.config.tau, self.config.alpha, self.config.warmup_steps)
+            self.inputs.settings(self.config.tau, self.config.alpha, self.config.warmup_steps)
             self.watcher.version = update.version
             result.say(schema.TAG_PSS_CONTROL_TEXT,
                        f"step {step}: applied control.json version {update.version}: "
