@@ -43,7 +43,7 @@ def per_step(fn, steps: int = STEPS) -> float:
 
 def check_run(run_dir: str) -> str:
     """The job's interventions against both replays, on the job's own settings."""
-    from dashboard import charts, data
+    from dashboard import charts, data, whatif
     from monitor import schema
     from monitor.pss.inputs import replay
 
@@ -57,7 +57,7 @@ def check_run(run_dir: str) -> str:
     settings = segments[0].settings[0] if segments and segments[0].settings else None
     config = schema.PSSConfig(tau=settings[1], alpha=settings[2], warmup_steps=settings[3])
     logged_steps, grads = charts.series(table, schema.TAG_GLOBAL_GRAD_NORM)
-    _, old = charts.whatif_replay(logged_steps, grads, config)
+    _, old = whatif.whatif_replay(logged_steps, grads, config)
     return md_table(["run", "steps seen", "job intervened at", "exact replay (pss_input.bin)",
                      f"old replay over {len(logged_steps)} logged steps"],
                     [[os.path.basename(run_dir.rstrip('/')), len(steps), job, exact,
