@@ -183,9 +183,13 @@ class ColumnCache:
     def __init__(self, run_dir: str, cache_dir: str) -> None:
         self.run_dir, self.dir = run_dir, cache_dir
         os.makedirs(cache_dir, exist_ok=True)
-        self.meta_path = os.path.join(cache_dir, "meta.json")
+        self.meta_path = os.path.join(cache_dir, "meta.json")  # offset and rows, per update
+        self.tags_path = os.path.join(cache_dir, "tags.json")  # written once
         self.meta = (json.load(open(self.meta_path)) if os.path.exists(self.meta_path)
-                     else {"offset": 0, "tags": None, "rows": 0})
+                     else {"offset": 0, "rows": 0})
+        self.meta["tags"] = (json.load(open(self.tags_path)) if os.path.exists(self.tags_path)
+                             else None)
+        self._columns: dict[str, list[int]] | None = None
         self.templates = wire.Templates()  # kept across updates, as a live reader would
         self._loaded: dict[str, np.ndarray] = {}  # metric -> (steps, layers) block in memory
         self._steps: np.ndarray | None = None
@@ -205,8 +209,11 @@ class ColumnCache:
                 if len(buf) < self.CHUNK or not used:
                     break
         self.meta["rows"] += added
+        if self.meta["tags"] and not os.path.exists(self.tags_path):
+            with open(self.tags_path, "w") as fh:
+                json.dump(self.meta["tags"], fh)
         with open(self.meta_path, "w") as fh:
-            json.dump(self.meta, fh)
+            json.dump({"offset": self.meta["offset"], "rows": self.meta["rows"]}, fh)
         return added
 
     def _append(self, buf: bytes) -> tuple[int, int]:
@@ -249,11 +256,12 @@ class ColumnCache:
 
     def columns(self) -> dict[str, list[int]]:
         """Tag columns per metric (contiguous: the monitor writes tags metric by metric)."""
-        out: dict[str, list[int]] = {}
-        for i, tag in enumerate(self.meta["tags"] or []):
-            metric = schema.split_tag(tag)[0] if schema.is_layer_tag(tag) else tag
-            out.setdefault(metric, []).append(i)
-        return out
+        if self._columns is None and self.meta["tags"]:
+            self._columns = {}
+            for i, tag in enumerate(self.meta["tags"]):
+                metric = schema.split_tag(tag)[0] if schema.is_layer_tag(tag) else tag
+                self._columns.setdefault(metric, []).append(i)
+        return self._columns or {}
 
     def heatmap(self, metric: str, layers: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(steps, Z) of one metric, layers in the given order, binned like the app's."""
@@ -267,8 +275,9 @@ class ColumnCache:
             self._steps = np.fromfile(os.path.join(self.dir, "steps.i64"), np.int64)
         block, steps = self._loaded[metric], self._steps
         row = {name: i for i, name in enumerate(names)}
-        z = block[:, [row[name] for name in layers]].T.astype(np.float64)
-        return charts.bin_columns(steps, z)
+        # bin first, on the block's own memory order (a view, no copy), then reorder
+        steps, z = charts.bin_columns(steps, block.T)
+        return steps, z[[row[name] for name in layers]].astype(np.float64)
 
 
 def measure_columnar(run_dir: str, layers: list[str], tags: list[str]) -> dict:
