@@ -39,7 +39,7 @@ def runs_rows(ctx: Context) -> list[dict]:
                      else (None, None))
         rows.append({"run": run.name, "state": run.status,
                      "last step": int(steps.max()) if len(steps) else None,
-                     "of": int(total) if total else None,
+                     "total steps": int(total) if total else None,
                      "steps/s": round(rate, 2) if rate else None,
                      "ETA": widgets.duration(eta) or None,
                      "layers": len(run.layers) or None, "updated": widgets.ago(run.updated)})
