@@ -386,7 +386,8 @@ def report(args, results: dict, write_s: float, size_gb: float, n_tags: int) -> 
             f"scalars ({n_tags:,} values per step event), one event file of {size_gb:.2f} GB "
             f"written in {write_s:.0f} s. Each row group ran in a fresh process (its own peak "
             "RSS); the event file was in the page cache; the machine is shared and noisy "
-            "(load average ~18 on 2 cores during this run).\n\n"
+            f"(load average {os.getloadavg()[0]:.0f} on {os.cpu_count()} cores at the end of "
+            "this run).\n\n"
             + md_table(["what", "seconds", "note"], rows) + DESIGN)
     write_results(RESULTS, "Dashboard on a 7B-class run", body)
 
