@@ -65,6 +65,10 @@ def main() -> None:
     logdir = logdir_setting()
     st.sidebar.title("Training stability")
     st.sidebar.caption(f"log directory: `{os.path.abspath(logdir)}`")
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        st.error(f"The log directory `{os.path.abspath(logdir)}` is a file, not a directory: "
+                 "pass the directory that holds the runs (`-- --logdir PATH` or MONITOR_LOGDIR).")
+        return
     if not os.path.isdir(logdir):
         st.warning(f"The log directory `{os.path.abspath(logdir)}` does not exist (yet). Start "
                    "a training with `monitor.watch(model, optimizer, logdir=...)` under it, or "

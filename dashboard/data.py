@@ -30,7 +30,6 @@ are imported here: never torch.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import socket
 import struct
@@ -44,12 +43,15 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from dashboard.wire import Templates
-from monitor import schema
+from monitor import safe_io, schema
 
 COLUMNS = ("run", "step", "wall_time", "metric", "layer", "value")
 TEXT_COLUMNS = ("run", "step", "wall_time", "tag", "text")
 EVENT_GLOB = "events.out.tfevents.*"
 LIVE_SECONDS = 120.0  # a running job that wrote nothing for this long is "stale"
+MAX_RUN_FILE_BYTES = 8 * 2**20  # run.json: layer names and settings, a few kB to a few 100 kB
+READ_CHUNK = 64 * 2**20  # event-file bytes held at once: a huge or hostile file costs no more
+MAX_RECORD_BYTES = 256 * 2**20  # a larger record is taken as corrupt (ours are a few kB)
 _HEADER = 12  # uint64 length + uint32 crc
 _FOOTER = 4  # uint32 crc of the payload
 
@@ -72,11 +74,13 @@ class RunInfo:
 
 
 def read_run_file(run_dir: str) -> dict:
-    """``run.json`` of a run, or ``{}`` when absent or unreadable (a run is valid without it)."""
+    """``run.json`` of a run, or ``{}`` when absent or unreadable (a run is valid without it).
+
+    Read through ``monitor.safe_io``: a FIFO, a device, a huge or deeply nested file is
+    not read (a FIFO would block the dashboard for good)."""
     try:
-        with open(os.path.join(run_dir, schema.RUN_FILENAME), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
+        data = safe_io.load_json(os.path.join(run_dir, schema.RUN_FILENAME), MAX_RUN_FILE_BYTES)
+    except (OSError, ValueError):  # RefusedFile is a ValueError
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -221,13 +225,41 @@ class RunReader:
             return new
 
     def _read_file(self, state: _FileState) -> int:
-        try:
-            with open(state.path, "rb") as fh:
-                fh.seek(state.offset)
-                data = fh.read()
+        """Parse what was appended to one file, ``READ_CHUNK`` bytes at a time."""
+        events = 0
+        try:  # regular files only: a FIFO would block, /dev/zero never ends
+            fd, _ = safe_io.open_regular(state.path)
+            with os.fdopen(fd, "rb") as fh:
+                size = READ_CHUNK
+                while True:
+                    fh.seek(state.offset)
+                    data = fh.read(size)
+                    new, used = self._parse(state, data)
+                    events += new
+                    if state.error is not None or len(data) < size:
+                        return events
+                    size = READ_CHUNK if used else self._whole_record(state, data)
+                    if not size:
+                        return events
+        except safe_io.RefusedFile as err:
+            state.error = str(err)
         except OSError as err:
             state.error = f"cannot read {state.path}: {err}"
+        return events
+
+    @staticmethod
+    def _whole_record(state: _FileState, data: bytes) -> int:
+        """Bytes of the record at the start of ``data`` when it is longer than a chunk;
+        0 (and the file marked corrupt) when longer than any event."""
+        (length,) = struct.unpack("<Q", data[:8])
+        if length + _HEADER + _FOOTER > MAX_RECORD_BYTES:
+            state.error = (f"{os.path.basename(state.path)} is corrupt at byte {state.offset}: "
+                           f"a record of {length:,} bytes, more than {MAX_RECORD_BYTES:,}")
             return 0
+        return length + _HEADER + _FOOTER
+
+    def _parse(self, state: _FileState, data: bytes) -> tuple[int, int]:
+        """Parse the records in ``data`` (read at ``state.offset``); ``(events, bytes used)``."""
         self._reading = state.index
         steps: list[int] = []
         walls: list[float] = []
@@ -273,7 +305,7 @@ class RunReader:
             self._chunks.append((step_rows, np.repeat(np.asarray(walls, np.float64), counts),
                                  np.concatenate(codes), np.concatenate(values),
                                  np.full(len(step_rows), state.index, np.int32)))
-        return events
+        return events, pos
 
     def _collect(self, event: Event):
         """``(wall_time, step, codes, values, scalars_only)`` of an event's summary (texts
@@ -387,8 +419,13 @@ def _split_tags(tags: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], lis
 
 
 def combine(tables: list[pd.DataFrame]) -> pd.DataFrame:
-    """Concatenate tidy tables of several runs, keeping categorical columns categorical."""
-    tables = [t for t in tables if t is not None]
+    """Concatenate tidy tables of several runs, keeping categorical columns categorical.
+
+    Empty tables (a run with only ``run.json``, or unreadable events) add no rows and are
+    left out: their categories are untyped (object) where a read run's are strings, and
+    ``union_categoricals`` refuses to mix the two.
+    """
+    tables = [t for t in tables if t is not None and len(t)]
     if not tables:
         return empty_table()
     if len(tables) == 1:
@@ -407,6 +444,16 @@ def empty_table() -> pd.DataFrame:
     return pd.DataFrame({"run": pd.Categorical([]), "step": np.empty(0, np.int64),
                          "wall_time": np.empty(0), "metric": pd.Categorical([]),
                          "layer": pd.Categorical([]), "value": np.empty(0)})
+
+
+def write_control(run_dir: str, settings: schema.PSSConfig, *, smooth_now: bool = False
+                  ) -> tuple[schema.ControlFile | None, str | None]:
+    """``monitor.schema.write_control`` for a page: ``(written, None)`` or ``(None, why not)``,
+    e.g. when ``control.json`` is a directory or the run directory is not writable."""
+    try:
+        return schema.write_control(run_dir, settings, smooth_now=smooth_now), None
+    except (OSError, schema.ControlError) as err:
+        return None, f"control.json was not written: {err}"
 
 
 class RunStore:

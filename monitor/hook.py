@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor import runstate, schema
+from monitor import runstate, safe_io, schema
 from monitor.config import MonitorConfig
 from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
@@ -419,11 +419,8 @@ class Monitor:
                 "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
                 **self._run_info()}
         path = os.path.join(self.logdir, schema.RUN_FILENAME)
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(info, fh, indent=1)
-            os.replace(tmp, path)
+        try:  # a fresh temporary name: a FIFO planted at a fixed one would block the job
+            safe_io.write_text_atomic(path, json.dumps(info, indent=1), fsync=False, mode=0o644)
         except OSError as err:
             log.warning("monitor: cannot write %s: %s", path, err)
 

@@ -2,7 +2,8 @@
 
 Tag names, metric keys, run-directory file names and the PSS control-file schema are
 defined here, once. The hook, the writer, PSS and the dashboard all import this module;
-it imports nothing but the standard library, so the dashboard can use it without torch.
+it imports nothing but the standard library (and ``monitor.safe_io``, which imports only
+the standard library), so the dashboard can use it without torch.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 import math
 import os
 import re
-import tempfile
-import time
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from monitor import safe_io
 
 # ---------------------------------------------------------------------------------------
 # Metric keys and tags
@@ -102,6 +104,21 @@ def is_layer_tag(tag: str) -> bool:
 
 PSS_METHODS: tuple[str, ...] = ("conv", "softmax", "log", "softplus", "clip")
 
+#: Bounds of the control file's numbers. A version (and a smooth-now request id) counts
+#: writes, so 2^24 is never reached by counting, and float32 (the ``pss/control_version``
+#: scalar) holds every integer up to 2^24 exactly, so the acknowledgement is exact.
+MAX_VERSION = 2**24
+#: Integer settings (steps, window, k): far beyond any use, and exact in float and in the
+#: dashboard's number inputs (JavaScript numbers are exact up to 2^53).
+MAX_SETTING_INT = 2**31 - 1
+#: ``c`` of the log and softplus functions. As c -> 0 both become ``clip`` and as c -> inf
+#: the identity, so nothing useful lies outside; below it (s - s_k) / c can overflow
+#: float64 and the smoothed weight become NaN (5e-324 did).
+C_RANGE = (1e-6, 1e6)
+MAX_LAYERS_PATTERN = 1000  # characters of the ``layers`` regular expression
+#: A control file holds a few hundred bytes; a larger one is refused unread.
+MAX_CONTROL_BYTES = 64 * 1024
+
 
 class ControlError(ValueError):
     """A PSS setting or control file was rejected; the message names the field and range."""
@@ -135,24 +152,28 @@ class PSSConfig:
         _check(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
         _check(_is_real(self.tau) and self.tau > 1.0, "tau", self.tau, "a number > 1")
         _check(_is_real(self.alpha) and 0.0 < self.alpha <= 1.0, "alpha", self.alpha, "(0, 1]")
-        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
-               self.warmup_steps, "an integer >= 0")
+        _check(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= MAX_SETTING_INT,
+               "warmup_steps", self.warmup_steps, f"an integer in [0, {MAX_SETTING_INT}]")
         _check(self.method in PSS_METHODS, "method", self.method, f"one of {PSS_METHODS}")
-        _check(_is_int(self.window) and self.window >= 1 and self.window % 2 == 1, "window",
-               self.window, "an odd integer >= 1")
+        _check(_is_int(self.window) and 1 <= self.window <= MAX_SETTING_INT
+               and self.window % 2 == 1, "window", self.window,
+               f"an odd integer in [1, {MAX_SETTING_INT}]")
         _check(self.temperature is None or (_is_real(self.temperature) and self.temperature > 0),
                "temperature", self.temperature, "null or a number > 0")
-        _check(self.c is None or (_is_real(self.c) and self.c > 0), "c", self.c,
-               "null or a number > 0")
-        _check(isinstance(self.layers, str), "layers", self.layers, "a regular expression")
+        _check(self.c is None or (_is_real(self.c) and C_RANGE[0] <= self.c <= C_RANGE[1]),
+               "c", self.c, f"null or a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}]")
+        _check(isinstance(self.layers, str) and len(self.layers) <= MAX_LAYERS_PATTERN, "layers",
+               self.layers, f"a regular expression of at most {MAX_LAYERS_PATTERN} characters")
         try:
             re.compile(self.layers)
-        except re.error as err:
-            raise ControlError(f"layers: {self.layers!r} is not a valid regular expression ({err})")
+        except (re.error, RecursionError, OverflowError) as err:  # deep nesting: RecursionError
+            raise ControlError(f"layers: {self.layers!r} is not a valid regular expression "
+                               f"({type(err).__name__}: {err})") from None
         for name in ("include_embeddings", "per_layer", "skip_update", "reset_optimizer_state"):
             value = getattr(self, name)
             _check(isinstance(value, bool), name, value, "true or false")
-        _check(_is_int(self.k_max) and self.k_max >= 1, "k_max", self.k_max, "an integer >= 1")
+        _check(_is_int(self.k_max) and 1 <= self.k_max <= MAX_SETTING_INT, "k_max", self.k_max,
+               f"an integer in [1, {MAX_SETTING_INT}]")
         _check(_is_int(self.k_min) and 1 <= self.k_min <= self.k_max, "k_min", self.k_min,
                f"an integer in [1, k_max = {self.k_max}]")
 
@@ -175,7 +196,12 @@ class PSSConfig:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float's range, e.g. 10**400
+        return False
 
 
 def _is_int(x: Any) -> bool:
@@ -183,17 +209,20 @@ def _is_int(x: Any) -> bool:
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ControlError(f"{name}: {value!r} is not allowed; expected {allowed}")
+    if not ok:  # reprlib: a 60 kB string or a 400-digit number is shown shortened
+        raise ControlError(f"{name}: {reprlib.repr(value)} is not allowed; expected {allowed}")
 
 
 @dataclass(frozen=True)
 class ControlFile:
     """The content of ``control.json``: a version, the settings, a one-shot request.
 
-    ``version`` increases with every write; the job acknowledges the version it applied
-    (tag ``pss/control_version``). ``smooth_now`` is a request id: the job smooths once for
-    each new id it sees.
+    ``version`` increases with every write (up to ``MAX_VERSION``, then it starts again at
+    1); the job applies every valid file whose version or settings differ from those it
+    applied last, so a recreated file starting again at 1 is taken too, and acknowledges the
+    version (tag ``pss/control_version``, exact up to ``MAX_VERSION``, and a text line
+    under ``pss/control``). ``smooth_now`` is a request id: the job smooths once for each
+    change of the id to a non-zero value, and for a non-zero id in a file written anew.
     """
 
     version: int
@@ -206,11 +235,11 @@ class ControlFile:
         return json.dumps(body, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ControlFile":
+    def from_json(cls, text: str, path: str = "control file") -> "ControlFile":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ControlError(f"control file is not valid JSON: {err}") from None
+            data = safe_io.parse_json(text, path)
+        except safe_io.RefusedFile as err:
+            raise ControlError(str(err)) from None
         if not isinstance(data, dict):
             raise ControlError("control file must hold a JSON object")
         unknown = sorted(set(data) - {"version", "settings", "smooth_now"})
@@ -218,10 +247,11 @@ class ControlFile:
             raise ControlError(f"unknown top-level key(s) {unknown} in control file; "
                                "known: ['settings', 'smooth_now', 'version']")
         version = data.get("version")
-        _check(_is_int(version) and version >= 0, "version", version, "an integer >= 0")
+        _check(_is_int(version) and 0 <= version <= MAX_VERSION, "version", version,
+               f"an integer in [0, {MAX_VERSION}]")
         smooth_now = data.get("smooth_now", 0)
-        _check(_is_int(smooth_now) and smooth_now >= 0, "smooth_now", smooth_now,
-               "an integer >= 0")
+        _check(_is_int(smooth_now) and 0 <= smooth_now <= MAX_VERSION, "smooth_now", smooth_now,
+               f"an integer in [0, {MAX_VERSION}]")
         settings = PSSConfig.from_dict(data.get("settings", {}))
         return cls(version=version, settings=settings, smooth_now=smooth_now)
 
@@ -231,28 +261,40 @@ def control_path(logdir: str | os.PathLike[str]) -> str:
 
 
 def read_control(logdir: str | os.PathLike[str]) -> ControlFile | None:
-    """Read and validate ``control.json``; None when absent. Raises ControlError when invalid."""
+    """Read and validate ``control.json``; None when absent. Raises ControlError when invalid.
+
+    Only a regular file of at most ``MAX_CONTROL_BYTES`` is read, without blocking, and a
+    symbolic link is refused: a link would let a file elsewhere (another run's, another
+    user's) steer this job (``monitor.safe_io``).
+    """
     path = control_path(logdir)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = safe_io.decode_text(
+            safe_io.read_bytes(path, MAX_CONTROL_BYTES, follow_symlinks=False), path)
     except FileNotFoundError:
         return None
-    except OSError as err:
-        raise ControlError(f"cannot read {path}: {err}") from None
-    return ControlFile.from_json(text)
+    except safe_io.RefusedFile as err:
+        raise ControlError(str(err)) from None
+    return ControlFile.from_json(text, path)
 
 
 def _legible_numbers(path: str) -> tuple[int, int]:
-    """``(version, smooth_now)`` read with a regex from a damaged control file."""
+    """``(version, smooth_now)`` read with a regex from a damaged control file, else 0."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except OSError:
-        text = ""
-    found = [re.search(rf'"{key}"\s*:\s*(\d+)', text) for key in ("version", "smooth_now")]
-    version = int(found[0].group(1)) if found[0] else int(time.time())
-    return version, int(found[1].group(1)) if found[1] else 0
+        data = safe_io.read_bytes(path, MAX_CONTROL_BYTES, follow_symlinks=False)
+    except (OSError, ValueError):
+        data = b""
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # PowerShell's `>`
+    text = data.decode("utf-16" if utf16 else "utf-8", errors="replace")
+    found = [re.search(rf'"{key}"\s*:\s*(\d{{1,9}})\b', text)
+             for key in ("version", "smooth_now")]
+    version, request = (min(int(f.group(1)), MAX_VERSION) if f else 0 for f in found)
+    return version, request
+
+
+def _next(count: int) -> int:
+    """The counter after ``count``, back to 1 after ``MAX_VERSION`` (the job accepts it)."""
+    return count + 1 if count < MAX_VERSION else 1
 
 
 def write_control(logdir: str | os.PathLike[str], settings: PSSConfig, *,
@@ -260,30 +302,25 @@ def write_control(logdir: str | os.PathLike[str], settings: PSSConfig, *,
     """Atomically write a new version of ``control.json`` (temp file + rename).
 
     The version is one more than the file's current version (1 when there is none). Over
-    an unreadable file it is one more than the version still legible in it, else the Unix
-    time in seconds, which exceeds any counted version, so the job takes the new file.
-    With ``smooth_now``, the one-shot request id is bumped so the job smooths once.
+    an unreadable file it is one more than the version still legible in it, else 1 (the job
+    applies any version that differs from its own). With ``smooth_now``, the one-shot
+    request id is bumped so the job smooths once. Raises ControlError when ``control.json``
+    is a directory (it is not removed: a person put it there).
     """
     if not isinstance(settings, PSSConfig):
         raise TypeError(f"settings must be a PSSConfig, got {type(settings).__name__}")
     logdir = os.fspath(logdir)
+    path = control_path(logdir)
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise ControlError(f"{path} is a directory, so no control file can be written there: "
+                           "remove it (the job ignores it meanwhile)")
     try:
         current = read_control(logdir)
         previous, request = (current.version, current.smooth_now) if current else (0, 0)
     except ControlError:
-        previous, request = _legible_numbers(control_path(logdir))
-    version = previous + 1
-    request += 1 if smooth_now else 0
+        previous, request = _legible_numbers(path)
+    version = _next(previous)
+    request = _next(request) if smooth_now else request
     content = ControlFile(version=version, settings=settings, smooth_now=request)
-    fd, tmp = tempfile.mkstemp(prefix=".control-", suffix=".tmp", dir=logdir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(content.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, control_path(logdir))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    safe_io.write_text_atomic(path, content.to_json())
     return content

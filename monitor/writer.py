@@ -93,7 +93,12 @@ class EventWriter:
 
     def __init__(self, logdir: str | os.PathLike[str], *, filename_suffix: str = "") -> None:
         self.logdir = os.fspath(logdir)
-        os.makedirs(self.logdir, exist_ok=True)
+        try:
+            os.makedirs(self.logdir, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # the path, or a parent, is a file
+            raise NotADirectoryError(f"logdir {self.logdir!r}: a file is in the way (the path or "
+                                     "one of its parents is a file, not a directory); pass a "
+                                     "directory path for the run's event files") from None
         self._writer: EventFileWriter | None = EventFileWriter(
             self.logdir, max_queue_size=1000, flush_secs=30, filename_suffix=filename_suffix)
         self.path: str = self._writer._file_name  # TensorBoard exposes no public getter

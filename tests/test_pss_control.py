@@ -90,9 +90,12 @@ def test_watcher_checks_at_most_every_few_steps_and_handles_smooth_now(tmp_path)
     assert update.smooth_now and update.version == 2
     path = control_path(tmp_path)
     data = json.loads(open(path).read())
-    data["version"] = 1  # an older version with a repeated request: nothing new
-    open(path, "w").write(json.dumps(data))
+    open(path, "w").write(json.dumps(data))  # the same content again (a touch): nothing new
     assert watcher.poll(15) is None
+    data["version"] = 1  # a lower version: the file written anew, its request ids too
+    open(path, "w").write(json.dumps(data))
+    update = watcher.poll(20)
+    assert update.version == 1 and update.smooth_now and "lower than 2" in update.note
 
 
 def test_file_replaced_mid_read_never_raises(tmp_path):

@@ -93,3 +93,10 @@ def test_a_control_file_adopted_at_start_sets_the_first_segments_settings(tmp_pa
     assert segments[0].settings[0][:2] == (0, 4.0)
     steps, _, _, hits = inputs.replay(segments)
     assert [s for s, h in zip(steps, hits) if h] == [30]
+
+
+def test_a_fifo_in_place_of_the_file_blocks_neither_the_job_nor_the_reader(tmp_path):
+    os.mkfifo(tmp_path / schema.PSS_INPUT_FILENAME)
+    log = inputs.InputLog(str(tmp_path), 0, 2.5, 0.1, 0)  # refused, a warning, no block
+    log.append(0, 1.0)
+    assert inputs.read_inputs(str(tmp_path)) is None

@@ -46,21 +46,28 @@ def render(ctx: Context) -> None:
         if config is None:
             st.error(f"Not written: {error}")
         else:
-            written = schema.write_control(run_dir, config)
-            flash(f"Wrote control.json version {written.version}; the job applies it within "
-                  "a few steps and logs pss/control_version.")
+            written, problem = data.write_control(run_dir, config)
+            if problem:
+                st.error(problem)
+            else:
+                flash(f"Wrote control.json version {written.version}; the job applies it "
+                      "within a few steps and logs pss/control_version.")
     if right.button("Smooth now", key="pss_smooth",
                     help="one-shot request: the job smooths once, with the settings in force"):
-        written = schema.write_control(run_dir, base, smooth_now=True)
-        flash(f"Requested smoothing (request {written.smooth_now}, control.json version "
-              f"{written.version}).")
+        written, problem = data.write_control(run_dir, base, smooth_now=True)
+        if problem:
+            st.error(problem)
+        else:
+            flash(f"Requested smoothing (request {written.smooth_now}, control.json version "
+                  f"{written.version}).")
 
 
 def baseline_settings(run: data.RunInfo, control) -> schema.PSSConfig:
     """Settings in force: the control file's, else the job's start config, else defaults."""
     if control is not None:
         return control.settings
-    start = run.meta.get("pss") or (run.meta.get("config") or {}).get("pss")
+    config = run.meta.get("config")  # run.json may be anything: check before .get
+    start = run.meta.get("pss") or (config.get("pss") if isinstance(config, dict) else None)
     if isinstance(start, dict):
         try:
             return schema.PSSConfig.from_dict(start)
@@ -161,7 +168,7 @@ def show_control_state(run, control, control_error, table, reader) -> None:
     if control_error:
         st.error(f"control.json is invalid ({control_error}); the job keeps its previous "
                  "settings. Apply writes a new valid version.")
-    elif control is not None and (acked is None or acked < control.version):
+    elif control is not None and acked != control.version:  # the job also takes a restart
         if run.status == "live":
             st.info(f"Waiting for the job to apply version {control.version}.")
         else:

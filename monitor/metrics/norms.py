@@ -1,8 +1,11 @@
 """Gradient and parameter norms, health counts, update ratio (SPEC section 2).
 
 All functions take a list of tensors and reduce it with one fused ``torch._foreach_norm``
-call (in float32 whatever the dtype), then move the results to the host in one transfer
-per device: no per-tensor ``.item()``.
+call per dtype family (float32 accumulation for float32 and narrower, float64 for float64),
+then move the results to the host in one transfer per device: no per-tensor ``.item()``.
+A sparse gradient (``nn.Embedding(sparse=True)``) counts through the values of its
+coalesced form, which hold every non-zero entry once, so norms and counts equal the dense
+tensor's.
 """
 
 from __future__ import annotations
@@ -13,9 +16,32 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
+def dense_values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sparse tensor its stored values (duplicates of a COO tensor
+    summed first): the same Frobenius norm and the same non-finite entries as the dense
+    tensor, without densifying it."""
+    t = t.detach()
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()  # compressed layouts (CSR, CSC, BSR, BSC) store each entry once
+
+
 def _norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor Frobenius norms as 0-d float32 tensors (fused, grouped by device)."""
-    return list(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
+    """Per-tensor Frobenius norms as 0-d tensors, float32 (float64 for float64 tensors, which
+    ``_foreach_norm`` refuses to narrow); one fused call per dtype family and device."""
+    flat = [dense_values(t) for t in tensors]
+    wide = [i for i, t in enumerate(flat) if t.dtype == torch.float64]
+    if not wide:
+        return list(torch._foreach_norm(flat, 2, dtype=torch.float32))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(flat)
+    narrow = [i for i in range(len(flat)) if flat[i].dtype != torch.float64]
+    for idx, dtype in ((wide, torch.float64), (narrow, torch.float32)):
+        if idx:
+            for i, n in zip(idx, torch._foreach_norm([flat[i] for i in idx], 2, dtype=dtype)):
+                out[i] = n
+    return out
 
 
 def _to_floats(values: Sequence[torch.Tensor]) -> list[float]:
@@ -25,7 +51,7 @@ def _to_floats(values: Sequence[torch.Tensor]) -> list[float]:
     for i, v in enumerate(values):
         by_device.setdefault(v.device, []).append(i)
     for idx in by_device.values():
-        host = torch.stack([values[i] for i in idx]).cpu().tolist()
+        host = torch.stack([values[i] for i in idx]).cpu().tolist()  # float64 if any is
         for i, x in zip(idx, host):
             out[i] = float(x)
     return out
@@ -67,7 +93,7 @@ def nonfinite_count(tensors: Sequence[torch.Tensor]) -> int:
     count = 0
     for t, n in zip(tensors, norms):
         if not math.isfinite(n):
-            count += int((~torch.isfinite(t.detach())).sum().item())
+            count += int((~torch.isfinite(dense_values(t))).sum().item())
     return count
 
 

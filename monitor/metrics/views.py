@@ -68,8 +68,9 @@ def has_matrix_view(weight: torch.Tensor) -> bool:
 def matrix_view(weight: torch.Tensor, kind: str = "other") -> torch.Tensor:
     """The 2-D float32 matrix view of ``weight`` (table in the module docstring).
 
-    Works for a gradient as well as a weight (same shape, same view). Raises ValueError for
-    tensors without a matrix view and for unknown kinds.
+    Works for a gradient as well as a weight (same shape, same view); a sparse gradient
+    (``nn.Embedding(sparse=True)``) is densified, as the matrix functions need it dense.
+    Raises ValueError for tensors without a matrix view and for unknown kinds.
     """
     if kind not in KINDS:
         raise ValueError(f"matrix_view(kind={kind!r}): expected one of {KINDS}")
@@ -77,6 +78,8 @@ def matrix_view(weight: torch.Tensor, kind: str = "other") -> torch.Tensor:
         raise ValueError(f"matrix_view: a tensor of shape {tuple(weight.shape)} has no matrix "
                          "view (needs ndim >= 2 and no empty dimension)")
     w = weight.detach()
+    if w.layout != torch.strided:
+        w = w.to_dense()
     if kind == "conv1d_hf":
         if w.ndim != 2:
             raise ValueError(f"matrix_view: a Conv1D weight must be 2-D, got {tuple(w.shape)}")

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -150,8 +150,12 @@ class PSSController:
             try:
                 M = views.matrix_view(p.detach(), kind)
                 M_new, info = smooth_matrix(M, cfg.method, k_min=cfg.k_min, k_max=cfg.k_max, **params)
+                W_new = weight_from_matrix(M_new, p, kind)
+                if not torch.isfinite(W_new).all():  # never write NaN/inf into the model
+                    raise ValueError("the smoothed weight has non-finite entries; "
+                                     "the weight was kept")
                 with torch.no_grad():
-                    p.copy_(weight_from_matrix(M_new, p, kind))
+                    p.copy_(W_new)
                 if cfg.reset_optimizer_state:
                     reset_optimizer_state(self.optimizer, p)
             except Exception as err:
@@ -173,20 +177,23 @@ class PSSController:
     # ------------------------------------------------------------------ control
     def _start_control(self) -> None:
         try:
-            existing = schema.read_control(self.logdir)
-        except ControlError as err:
-            self._reject(f"existing control.json refused at start ({err}); "
+            existing = self.watcher.check()  # also records the file, so it is not re-read
+        except Exception as err:  # never stop the job at start either
+            existing = ControlUpdate(rejected=repr(err))
+        if existing is not None and existing.rejected:
+            self._reject(f"existing control.json refused at start ({existing.rejected}); "
                          "the settings passed in code stay", self._pending)
-            return
-        if existing is None:
-            written = schema.write_control(self.logdir, self.config)
-            self.watcher.version = written.version
-            self._pending.say(schema.TAG_PSS_CONTROL_TEXT,
-                              f"wrote control.json version {written.version} with the starting settings")
-        else:
-            self.watcher.smooth_now_seen = existing.smooth_now  # old requests are not replayed
-            self._apply(ControlUpdate(version=existing.version, settings=existing.settings),
-                        0, self._pending)
+        elif existing is None:
+            try:
+                written = schema.write_control(self.logdir, self.config)
+                self.watcher.version, self.watcher.settings = written.version, written.settings
+                self._pending.say(schema.TAG_PSS_CONTROL_TEXT, f"wrote control.json version "
+                                  f"{written.version} with the starting settings")
+            except (OSError, ControlError) as err:
+                self._reject(f"could not write control.json ({err}); the settings passed in "
+                             "code stay", self._pending)
+        else:  # old smooth-now requests are not replayed (check() recorded the id)
+            self._apply(replace(existing, smooth_now=False, note=None), 0, self._pending)
         self._pending.force_log = True
         self._settings_scalars(self._pending)
 
@@ -206,10 +213,9 @@ class PSSController:
                 det.tau, det.alpha, det.warmup_steps = (self.config.tau, self.config.alpha,
                                                         self.config.warmup_steps)
             self.inputs.settings(self.config.tau, self.config.alpha, self.config.warmup_steps)
-            self.watcher.version = update.version
             result.say(schema.TAG_PSS_CONTROL_TEXT,
                        f"step {step}: applied control.json version {update.version}: "
-                       f"{changes or 'no change'}")
+                       f"{changes or 'no change'}" + (f" ({update.note})" if update.note else ""))
             log.info("PSS: applied control version %s: %s", update.version, changes)
             result.force_log = True
             self._settings_scalars(result)

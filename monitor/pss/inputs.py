@@ -26,9 +26,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
+from monitor import safe_io
 from monitor.pss.detect import Detector
 from monitor.schema import PSS_INPUT_FILENAME
 
@@ -36,6 +38,7 @@ log = logging.getLogger("monitor.pss")
 
 RECORD = struct.Struct("<qd")  # step, value
 START, TAU, ALPHA, WARMUP = -1, -2, -3, -4
+MAX_BYTES = 1 << 30  # 67M steps; a bigger file is not this run's input: refused
 _SETTING = {TAU: "tau", ALPHA: "alpha", WARMUP: "warmup_steps"}
 
 
@@ -45,12 +48,17 @@ class InputLog:
     def __init__(self, logdir: str, start_step: int, tau: float, alpha: float,
                  warmup_steps: int) -> None:
         self.path = os.path.join(logdir, PSS_INPUT_FILENAME)
-        try:
-            self._file = open(self.path, "ab", buffering=0)  # one write() per record
+        self._fd: int | None = None
+        try:  # never blocks (a FIFO planted here is refused), one write() per record
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(f"{self.path} is not a regular file")
+            self._fd = fd
         except OSError as err:
             log.warning("PSS: cannot open %s (%s); the dashboard's what-if will replay logged "
                         "steps only", self.path, err)
-            self._file = None
         self._write(RECORD.pack(START, float(start_step)) + self._settings(tau, alpha, warmup_steps))
 
     @staticmethod
@@ -65,19 +73,22 @@ class InputLog:
         self._write(self._settings(tau, alpha, warmup_steps))
 
     def _write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         try:
-            self._file.write(data)
-        except (OSError, ValueError) as err:  # a full disk must not stop training
+            os.write(self._fd, data)
+        except OSError as err:  # a full disk must not stop training
             log.warning("PSS: writing %s failed (%s); no more detector input is recorded",
                         self.path, err)
-            self._file = None
+            self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass
@@ -92,11 +103,11 @@ class Segment:
 
 
 def read_inputs(run_dir: str) -> list[Segment] | None:
-    """The segments recorded in ``run_dir``; None when the run has no input file."""
+    """The segments recorded in ``run_dir``; None when the run has no usable input file
+    (absent, or not a regular file of at most MAX_BYTES: read without blocking)."""
     try:
-        with open(os.path.join(run_dir, PSS_INPUT_FILENAME), "rb") as fh:
-            raw = fh.read()
-    except OSError:
+        raw = safe_io.read_bytes(os.path.join(run_dir, PSS_INPUT_FILENAME), MAX_BYTES)
+    except (OSError, safe_io.RefusedFile):
         return None
     return parse(raw)
 

@@ -27,7 +27,7 @@ import math
 import torch
 
 from monitor.metrics import spectral, views
-from monitor.schema import PSS_METHODS
+from monitor.schema import C_RANGE, PSS_METHODS
 
 #: power iterations of the randomized range finder on matrices too large for the exact path;
 #: enough that the top-k subspace is accurate on slowly decaying spectra (see tests)
@@ -73,6 +73,9 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
         if T <= 0:
             return s.clone()
         return s.sum() * torch.softmax(s / T, dim=0)
+    if c is not None and not C_RANGE[0] <= c <= C_RANGE[1]:  # tiny c overflows (s - s_k) / c
+        raise ValueError(f"smoothing c={c!r}: expected None or a number in "
+                         f"[{C_RANGE[0]:g}, {C_RANGE[1]:g}]")
     scale = float(c) if c is not None else float(s_k if s_k > 0 else s[0])
     if method == "log":
         if scale <= 0:
