@@ -19,7 +19,8 @@ WINDOW = 30  # logged steps shown either side of an alert
 def render(ctx: Context) -> None:
     st.subheader("Runs")
     # a static table: readable as text (and by a browser test), re-drawn on each refresh
-    st.table(pd.DataFrame(runs_rows(ctx)).set_index("run").fillna(""))
+    rows = pd.DataFrame(runs_rows(ctx)).set_index("run").astype(object)
+    st.table(rows.where(rows.notna(), ""))  # blank, not "None", where a value is unknown
     if not len(ctx.table):
         return
     alerts_section(ctx)
