@@ -172,24 +172,30 @@ def test_live_run_turns_finished_and_every_view_draws(tmp_path):
             assert wait_charts(page, 2)  # the alerted layer and the loss
             page.screenshot(path=os.path.join(ARTIFACTS, "dashboard_overview_live.png"),
                             full_page=True)
+            # the run is over: stop refreshing, so views are not redrawn under the clicks
+            page.get_by_text("Live refresh", exact=True).click()
+            page.wait_for_function("() => !document.querySelector(\"input[aria-label="
+                                   "'Live refresh']\").checked", timeout=60_000)
 
             page.get_by_text("Layers", exact=True).click()
             page.get_by_text("relative to the layer's first value").click()
-            page.get_by_text("stable_rank: layer x step").wait_for(timeout=30_000)
-            page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=30_000)
+            page.get_by_text("stable_rank: layer x step").wait_for(timeout=60_000)
+            page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=60_000)
             page.locator(".js-plotly-plot .cbtitle").filter(
-                has_text="first value").wait_for(timeout=30_000)  # redrawn relative
+                has_text="first value").wait_for(timeout=60_000)  # redrawn relative
             assert wait_charts(page, 2)
             page.screenshot(path=os.path.join(ARTIFACTS, "dashboard_layers_relative.png"),
                             full_page=True)
 
             page.get_by_text("Learning rates", exact=True).click()
-            page.get_by_text("effective learning rate: layer x step").wait_for(timeout=30_000)
+            page.get_by_text("effective learning rate: layer x step").wait_for(timeout=60_000)
             assert wait_charts(page, 2)
             page.screenshot(path=os.path.join(ARTIFACTS, "dashboard_lr.png"), full_page=True)
 
             page.get_by_text("Run config", exact=True).click()
-            page.get_by_text("as the job logged it").wait_for(timeout=30_000)
+            page.get_by_text("as the job logged it").wait_for(timeout=60_000)
+            page.locator("[data-testid='stJson']").get_by_text("every").first.wait_for(
+                timeout=60_000)  # the JSON drawn, not its placeholder
             page.screenshot(path=os.path.join(ARTIFACTS, "dashboard_config.png"),
                             full_page=True)
         except Exception:
