@@ -1,11 +1,14 @@
 """The dashboard: every layer's stability live, and PSS steered from the browser.
 
-    streamlit run dashboard/app.py -- --logdir runs
+    streamlit run dashboard/app.py -- --logdir runs    # from the repository
+    stability-dashboard --logdir runs                  # installed (dashboard.cli): the same
 
 The log directory comes from ``--logdir``, else the environment variable ``MONITOR_LOGDIR``,
-else ``./runs``. The app binds to 127.0.0.1 (``.streamlit/config.toml``); to reach it from
-another machine pass ``--server.address 0.0.0.0`` (anyone who can reach the port can then
-change the PSS settings of your runs: prefer an SSH tunnel).
+else ``./runs``. The app binds to 127.0.0.1 from any working directory
+(``dashboard/.streamlit/config.toml``, read next to this file); to reach it from another
+machine pass ``--server.address 0.0.0.0`` (anyone who can reach the port can then change the
+PSS settings of your runs: prefer an SSH tunnel). Started listening on every interface
+without asking, it shows nothing but how to restart it (``dashboard.bind.guard``).
 
 Data flow: cached readers (``dashboard.cache`` over ``dashboard.data``, one per run, reading
 only new events) -> cached transforms (``dashboard.charts``, ``transforms``, ``alerts``) ->
@@ -27,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
     sys.path.insert(0, ROOT)
 
-from dashboard import cache, data, widgets  # noqa: E402
+from dashboard import bind, cache, data, widgets  # noqa: E402
 from dashboard.views import Context, config, layers, learning_rates, overview, pss  # noqa: E402
 
 VIEWS = {"Overview": overview, "Layers": layers, "Learning rates": learning_rates,
@@ -40,6 +43,9 @@ def logdir_setting(argv: list[str] | None = None) -> str:
     parser.add_argument("--logdir", default=None)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return args.logdir or os.environ.get("MONITOR_LOGDIR") or "runs"
+
+
+bind.guard(logdir_setting())  # before anything is shown: never on every interface by accident
 
 
 def render_view(view: str, logdir: str, names: tuple[str, ...], style, live: bool) -> None:

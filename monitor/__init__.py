@@ -14,7 +14,8 @@ from typing import Any
 
 from monitor.schema import METRIC_KEYS, PSSConfig
 
-__all__ = ["watch", "Monitor", "MonitorConfig", "PSSConfig", "METRIC_KEYS"]
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (setuptools dynamic version)
+__all__ = ["watch", "Monitor", "MonitorConfig", "PSSConfig", "METRIC_KEYS", "__version__"]
 
 _LAZY = {
     "watch": "monitor.hook",
