@@ -18,11 +18,13 @@ steps cost two Python calls and, with PSS on, one fused gradient-norm reduction.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor import safe_io, schema
+from monitor import runstate, safe_io, schema
 from monitor.config import MonitorConfig
 from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
@@ -109,6 +111,7 @@ class Monitor:
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
+        self._at_exit = runstate.close_at_exit(self, Monitor.close)  # a job that never closes
         if config.ntk_at(start_step):
             self._ntk.arm()
 
@@ -148,22 +151,24 @@ class Monitor:
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: writing values of step %d failed: %s", step, err)
 
-    def close(self) -> None:
+    def close(self, state: str = "finished") -> None:
+        """Write the last record and ``run.json``'s final ``state`` (runstate.py)."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._at_exit)
         for handle in self._hooks:
             handle.remove()
         self._ntk.disarm()
         self._flush_record()
-        self._write_run_file("finished")
+        self._write_run_file(state)
         self._writer.close()
 
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(runstate.ending_state(exc_type, exc))
 
     # ---------------------------------------------------------------- optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
@@ -345,7 +350,8 @@ class Monitor:
         from monitor.pss.controller import PSSController
 
         return PSSController(pss, self.model, self.optimizer, self.logdir,
-                             named_params=[(l.name, l.param) for l in self.layers], kinds=kinds)
+                             named_params=[(l.name, l.param) for l in self.layers], kinds=kinds,
+                             start_step=self.step)
 
     def _flush_record(self) -> None:
         record, self._record = self._record, None
@@ -386,7 +392,8 @@ class Monitor:
     def _write_header(self) -> None:
         if self.step > 0:  # resumed from a checkpoint: supersede what a crashed run logged later
             self._writer.write_session_start(self.step)
-        self._writer.write_summary(default_layout(GLOBAL_TAGS), step=self.step)
+        self._writer.write_summary(default_layout(GLOBAL_TAGS, [l.name for l in self.layers]),
+                                   step=self.step)
         header = {schema.TAG_SJE_K_MAX: float(self.config.sje_k_max)}
         text = {schema.TAG_RUN_CONFIG: "```json\n" + json.dumps(self._run_info(), indent=1) + "\n```"}
         self._writer.write(self.step, header, text)
@@ -409,7 +416,8 @@ class Monitor:
         info = {"status": status, "layers": [l.name for l in self.layers],
                 "spectral": [l.name for l in self.layers if l.spectral],
                 "started": getattr(self, "_started", time.time()), "updated": time.time(),
-                "pid": os.getpid(), "step": self.step, **self._run_info()}
+                "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
+                **self._run_info()}
         path = os.path.join(self.logdir, schema.RUN_FILENAME)
         try:  # a fresh temporary name: a FIFO planted at a fixed one would block the job
             safe_io.write_text_atomic(path, json.dumps(info, indent=1), fsync=False, mode=0o644)
