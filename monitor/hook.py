@@ -34,6 +34,7 @@ from torch import nn
 
 from monitor import runstate, safe_io, schema
 from monitor.config import MonitorConfig
+from monitor.flight import make_job_alerts
 from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk import NTKCapture
@@ -81,7 +82,8 @@ class Monitor:
     """The hook returned by :func:`watch`. Also a context manager; ``close()`` is idempotent."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str,
-                 config: MonitorConfig, pss: PSSConfig | None = None, start_step: int = 0) -> None:
+                 config: MonitorConfig, pss: PSSConfig | None = None, start_step: int = 0,
+                 alerts: Any = None, on_alert: Any = None) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.logdir = os.fspath(logdir)
         self.step = start_step  # optimizer steps so far (from a checkpoint: its step); the running step
@@ -108,6 +110,8 @@ class Monitor:
                                n=config.ntk_probe,
                                max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
+        self._alerts_done = start_step  # steps whose alert rules have run (see _end_step)
+        self._alerting = make_job_alerts(alerts, on_alert, self.layers, config, self._writer.write)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
@@ -126,6 +130,8 @@ class Monitor:
         """Add scalars (``loss=...`` becomes ``train/loss``; other names are used as tags)
         to the record of the last optimizer step. Ignored on steps that are not logged, so
         passing a CUDA tensor costs no synchronisation on those steps."""
+        if self._alerting is not None and not self._closed:
+            self._alerting.log(values)
         record = self._record
         if record is None or self._closed:
             return
@@ -160,6 +166,7 @@ class Monitor:
         for handle in self._hooks:
             handle.remove()
         self._ntk.disarm()
+        self._end_step()
         self._flush_record()
         self._write_run_file(state)
         self._writer.close()
@@ -173,6 +180,7 @@ class Monitor:
     # ---------------------------------------------------------------- optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         start = time.perf_counter()
+        self._end_step()
         self._flush_record()  # the previous step's record is complete now
         self._busy += time.perf_counter() - start
         # args holds the optimizer itself first, then step()'s own arguments
@@ -198,7 +206,7 @@ class Monitor:
     def _observe_gradients(self) -> None:
         """Gradients are final and weights not yet updated: PSS, and a logged step's metrics."""
         t = self.step
-        logged = self.config.logs(t)
+        logged = self.config.logs(t) or (self._alerting is not None and self._alerting.dense(t))
         record = StepRecord(t) if logged else None
         if logged and self._cuda is not None:
             # the metrics synchronise anyway; do it before the clock starts, so that the
@@ -216,6 +224,8 @@ class Monitor:
                     record = self._pss_step(t, record)
                 if record is not None:
                     self._before = [l.param.detach().clone() for l in self.layers]
+                if self._alerting is not None:
+                    self._alerting.before_update(record)
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: step %d pre-step metrics failed: %s", t, err, exc_info=True)
             if record is not None:
@@ -231,6 +241,9 @@ class Monitor:
             if self._record is not None and self._before is not None:
                 with torch.no_grad():
                     self._update_metrics(self._record)
+            if self._alerting is not None:
+                with torch.no_grad():
+                    self._alerting.after_update(self._record)
             if self.config.ntk_at(self.step):
                 self._ntk.arm()  # capture during the next step's forward and backward
         except Exception as err:
@@ -353,6 +366,16 @@ class Monitor:
                              named_params=[(l.name, l.param) for l in self.layers], kinds=kinds,
                              start_step=self.step)
 
+    def _end_step(self) -> None:
+        """The last optimizer step is complete: alert rules and the flight recorder."""
+        if self._alerting is None or self.step == self._alerts_done:
+            return
+        self._alerts_done = self.step
+        try:
+            self._record = self._alerting.end_step(self.step - 1, self._record, StepRecord)
+        except Exception as err:  # never let the monitor kill the job
+            log.warning("monitor: alerts of step %d failed: %s", self.step - 1, err, exc_info=True)
+
     def _flush_record(self) -> None:
         record, self._record = self._record, None
         if record is None:
@@ -446,7 +469,8 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
-          pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor | InactiveMonitor:
+          pss: PSSConfig | bool | None = None, start_step: int = 0, alerts: Any = None,
+          on_alert: Any = None) -> Monitor | InactiveMonitor:
     """Attach the monitor to ``model`` and ``optimizer``; returns the :class:`Monitor`.
 
     Args:
@@ -459,6 +483,12 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
         start_step: the optimizer step training resumes from (a checkpoint's step), so that
             steps continue the earlier run's and the schedule stays aligned with it; PSS
             detection warms up again (its moving average is not in the checkpoint).
+        alerts: ``True`` (the measured default rules), a list of ``monitor.alerts.AlertRule``
+            or a ``monitor.flight.AlertConfig`` (rules, storm limit, flight recorder):
+            rules checked every step; a firing writes ``alert/<rule>`` and the flight
+            recorder's window (SPEC 8, README "Alerts").
+        on_alert: called with each ``monitor.alerts.Alert`` (save a checkpoint, lower the
+            LR, stop); if it raises, the error is logged and counted and training goes on.
 
     In a ``torch.distributed`` job (DDP) only rank 0 monitors and writes; other ranks get an
     :class:`InactiveMonitor`. PSS is refused there (every rank would have to smooth, and
@@ -492,4 +522,4 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
         return InactiveMonitor(optimizer, rank, start_step)
     if logdir is None:
         logdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step)
+    return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step, alerts, on_alert)

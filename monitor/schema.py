@@ -65,6 +65,17 @@ TAG_PSS_ENABLED = "pss/enabled"
 TAG_PSS_CONTROL_VERSION = "pss/control_version"
 TAG_PSS_CONTROL_TEXT = "pss/control"  # text: applied / rejected control files, with reasons
 TAG_PSS_EVENTS = "pss/events"  # text: each intervention: step, reason, layers, k, sigma, SR
+# Alerts (SPEC 8): ``alert/<rule>`` is 1.0 at a step where the rule fired.
+TAG_ALERT_EVENTS = "alert/events"  # text: each firing: step, rule, layer, value, threshold
+TAG_ALERT_SUPPRESSED = "alert/suppressed"  # firings silenced by the storm limit, so far
+TAG_ALERT_CALLBACK_ERRORS = "alert/callback_errors"  # on_alert calls that raised, so far
+
+
+def alert_tag(rule: str) -> str:
+    """Tag of an alert rule's firings: ``alert/<rule>``."""
+    return f"alert/{rule}"
+
+
 #: Per smoothed layer, at each intervention (``<key>/<parameter name>``).
 PSS_LAYER_METRICS: tuple[str, ...] = (
     "pss_sr_before",
