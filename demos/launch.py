@@ -30,9 +30,13 @@ def main() -> int:
     # gradient-norm bump that PSS smooths at step 236; pass more to watch longer
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--no-dashboard", action="store_true")
+    parser.add_argument("--spike-at", type=int, default=0,
+                        help="push the demo into a loss spike at this step (an alert fires)")
     args = parser.parse_args()
     train_cmd = [sys.executable, os.path.join(ROOT, "demos", "train_chargpt.py"),
                  "--logdir", args.logdir, "--steps", str(args.steps), "--pss"]
+    if args.spike_at:
+        train_cmd += ["--spike-at", str(args.spike_at)]
     app = os.path.join(ROOT, "dashboard", "app.py")
     has_dashboard = os.path.exists(app) and importlib.util.find_spec("streamlit") is not None
     if args.no_dashboard or not has_dashboard:

@@ -220,3 +220,21 @@ def test_alert_storm_in_the_job(tmp_path, caplog):
     assert mon._alerting.engine.suppressed == {"always": 57}
     assert scalars[schema.TAG_ALERT_SUPPRESSED][50] == 48.0  # steps 0-50 fired, 0, 20, 40 reported
     assert caplog.text.count("alert storm") == 1
+
+
+def test_dashboard_shows_the_jobs_alerts_and_replays_the_same_rules(tmp_path):
+    """The dashboard's alerts come from monitor.alerts: what the job wrote, else a replay."""
+    from dashboard import alerts as dash_alerts
+    from dashboard import data
+
+    with_alerts, _, _ = train(tmp_path, spike_at=60, name="job")
+    without, _, _ = train(tmp_path, spike_at=60, every=5, alerts=None, name="off")
+    readers = [data.RunReader(with_alerts, "job"), data.RunReader(without, "off")]
+    for reader in readers:
+        reader.refresh()
+    table = data.combine([reader.table() for reader in readers])
+    found = dash_alerts.find_alerts(table)
+    rules = found[found["kind"] == "rule grad_norm_spike"]
+    assert list(zip(rules["run"], rules["step"])) == [("job", 60), ("off", 60)]
+    assert "fired in the job" in rules.iloc[0]["detail"]
+    assert "replayed" in rules.iloc[1]["detail"]
