@@ -161,6 +161,7 @@ def alerts_overhead(steps_per_block: int, reps: int, every: int, setup: Setup = 
     q = max(1, reps // 4)
     step_ms = 1000 * sum(bare) / (reps * steps_per_block)
     extra_ms = 1000 * (own[1] - own[0]) / ((reps + 0) * steps_per_block)
+    with_updates, without = alerts_step_cost(setup)
     return (f"{setup.label}), AdamW, `every={every}`, preset `full`; arms: bare, monitored, "
             f"monitored with `alerts=True` (defaults: {len(monitor.flight.AlertConfig().rules)} "
             f"rule(s), gradient norms and update ratios every step, flight recorder K = "
@@ -176,8 +177,41 @@ def alerts_overhead(steps_per_block: int, reps: int, every: int, setup: Setup = 
                 [f"fastest {q} blocks of each arm", f"{sum(sorted(alerted)[:q]) / sum(sorted(plain)[:q]):.4f}"],
                 ["the hook's own clock: extra time per step with alerts",
                  f"{extra_ms:.2f} ms ({extra_ms / step_ms:.2%} of a bare step)"],
+                ["the alert machinery of one step alone, best of 30 (with / without update ratios)",
+                 f"{1000 * with_updates:.2f} ms / {1000 * without:.2f} ms "
+                 f"({with_updates / (step_ms / 1000):.2%} / {without / (step_ms / 1000):.2%} of a bare step)"],
                 ["target", "<= 1.01"],
             ]))
+
+
+def alerts_step_cost(setup: Setup = DEMO, repeat: int = 30) -> tuple[float, float]:
+    """Best-of time (s) of the alert machinery of one non-logged step (cheap values, ring,
+    rules; no firing) on the demo model: ``(with update ratios, without)``."""
+    from monitor.flight import AlertConfig, JobAlerts, computed_metrics
+    from monitor.hook import Layer, StepRecord
+
+    model, opt = demo_setup(setup)
+    [(x, y)] = setup.batches(1, 2)
+    _, loss = model(x, y)
+    loss.backward()
+    layers = [Layer(n, p, "linear", p.ndim >= 2) for n, p in model.named_parameters()]
+    out = []
+    for updates in (True, False):
+        job = JobAlerts(AlertConfig(record_updates=updates), layers,
+                        computed_metrics(MonitorConfig(), layers), None, lambda *a: None)
+        step = [0]
+
+        def one():
+            job.before_update(None)
+            job.after_update(None)
+            job.log({"loss": loss.detach()})
+            job.end_step(step[0], None, StepRecord)
+            step[0] += 1
+            setup.sync()
+
+        one()
+        out.append(best_time(one, repeat))
+    return out[0], out[1]
 
 
 def hook_own_seconds(logdir: str) -> float:

@@ -21,7 +21,11 @@ Scoring, per signal:
   after the update (update ratio, lr_effective, Adam RMS, parameter-based ones) at lead 0
   come just after the loss;
 - AUROC (threshold-free): events' highest score over ``[onset - 20, onset - 1]`` (strictly
-  before) against the highest over 20-step windows of the control runs.
+  before) against the highest over 20-step windows of the control runs, and against quiet
+  20-step windows of the spiking runs themselves (no event within 20 steps after). A level
+  that is high through a whole run at a dangerous setting (attention logits at LR 0.3)
+  separates the run from the controls but warns of no particular spike: the second AUROC,
+  and the alarm rate on the quiet steps of spiking runs, show that.
 
 Spikes and collapses (labels of ``spike_testbed.label_events``) are scored apart.
 """
@@ -175,6 +179,17 @@ def evaluate(runs: list[dict]) -> tuple[list[dict], dict]:
         threshold, fa = threshold_for(ctrl)
         neg = [window_max(s, lo, lo + WINDOW) for s in ctrl
                for lo in range(MIN_STEP, len(s) - WINDOW + 1, WINDOW)]
+        quiet_neg, quiet_alarms, quiet_steps = [], 0, 0
+        for run in runs:
+            score = scores[run["name"]]
+            if run["spec"]["mechanism"] in CONTROLS or score is None:
+                continue
+            mask = quiet_mask(run)
+            quiet_steps += int(mask.sum())
+            quiet_alarms += int(np.sum(np.where(np.isnan(score), False, score > threshold) & mask))
+            for lo in range(MIN_STEP, len(score) - WINDOW + 1, WINDOW):
+                if mask[lo:lo + WINDOW].all() and mask[lo + WINDOW:lo + 2 * WINDOW].all():
+                    quiet_neg.append(window_max(score, lo, lo + WINDOW))
         per_event = []
         for run, event in events:
             score = scores[run["name"]]
@@ -185,9 +200,19 @@ def evaluate(runs: list[dict]) -> tuple[list[dict], dict]:
             pre = window_max(score, event["onset"] - WINDOW, event["onset"])
             per_event.append((run, event, lead, pre))
         rows.append({"signal": signal, "threshold": threshold, "fa": fa, "events": per_event,
-                     "neg": neg})
+                     "neg": neg, "quiet_neg": quiet_neg,
+                     "quiet_fa": 1000 * quiet_alarms / max(quiet_steps, 1)})
     return rows, {"control_steps": sum(max(0, r["n"] - MIN_STEP) for r in controls),
                   "controls": controls, "n_events": len(events)}
+
+
+def quiet_mask(run: dict) -> np.ndarray:
+    """Steps >= MIN_STEP of a spiking run outside ``[onset - WINDOW, end]`` of every event."""
+    mask = np.zeros(run["n"], bool)
+    mask[MIN_STEP:] = True
+    for e in run["events"]:
+        mask[max(0, e["onset"] - WINDOW): e["end"] + 1] = False
+    return mask
 
 
 def fmt_recall(per_event, kind: str, min_lead: int = 0) -> str:
@@ -210,11 +235,12 @@ def main_table(rows: list[dict]) -> str:
         pos = [p for _, e, _, p in pe if e["kind"] == "spike"]
         table.append([row["signal"].name, row["signal"].doc, f"{row['threshold']:.4g}",
                       f"{row['fa']:.2f}", fmt_recall(pe, "spike"), fmt_recall(pe, "spike", 1),
-                      median_lead(pe), f"{auroc(pos, row['neg']):.2f}",
-                      fmt_recall(pe, "collapse")])
-    return md_table(["signal", "what", "threshold", "false alarms / 1000 control steps",
+                      median_lead(pe), f"{row['quiet_fa']:.1f}", f"{auroc(pos, row['neg']):.2f}",
+                      f"{auroc(pos, row['quiet_neg']):.2f}", fmt_recall(pe, "collapse")])
+    return md_table(["signal", "what", "threshold", "alarms / 1000 control steps",
                      "spikes caught (lead >= 0)", "spikes warned (lead >= 1)",
-                     "median lead (steps)", "AUROC pre-spike", "collapses caught"], table)
+                     "median lead (steps)", "alarms / 1000 quiet steps of spiking runs",
+                     "AUROC vs controls", "AUROC vs quiet windows", "collapses caught"], table)
 
 
 def by_mechanism(rows: list[dict]) -> str:
@@ -287,6 +313,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("runs", "spike_testbed"),
                         help="the testbed's directory (labels.json and run directories)")
+    parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     runs = load(args.out)
     rows, info = evaluate(runs)
@@ -302,7 +329,7 @@ def main() -> None:
             + "\n## Against the gradient-norm spike alone\n\n" + versus_grad_norm(rows)
             + "\n## The job's default rules, replayed with `monitor.alerts.replay`\n\n"
             + defaults_check(runs))
-    write_results(RESULTS, "Early warning of loss spikes, per signal", body)
+    write_results(args.results, "Early warning of loss spikes, per signal", body)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ def lr_factor(cfg: TrainConfig, t: int) -> float:
     return factor * (30.0 if cfg.spike_at and cfg.spike_at <= t < cfg.spike_at + 5 else 1.0)
 
 
+def on_alert(alert) -> None:
+    """What a job would do on an alert (save a checkpoint, lower the LR); here: say it."""
+    tqdm.write(f"on_alert: {alert.describe()} (a job could checkpoint or lower its LR here)")
+
+
 def main(cfg: TrainConfig) -> str:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -89,8 +94,7 @@ def main(cfg: TrainConfig) -> str:
     alerts = cfg.alerts or cfg.spike_at > 0
     with monitor.watch(model, optimizer, logdir, every=cfg.every, preset=cfg.preset,
                        pss=cfg.pss or None, alerts=alerts or None,
-                       on_alert=(lambda a: tqdm.write(f"ALERT {a.describe()}")) if alerts else None
-                       ) as mon:
+                       on_alert=on_alert if alerts else None) as mon:
         mon.log_at(0, **{monitor.schema.TAG_TOTAL_STEPS: cfg.steps})  # the dashboard's ETA
         bar = tqdm(range(cfg.steps), desc=run, unit="step")
         for _ in bar:

@@ -5,13 +5,16 @@ norms and the global one (one fused reduction), per-layer update ratios ``‖ΔW
 weights copied into preallocated buffers before the step) and the loss passed to
 ``Monitor.log``. They go into a ring buffer of the last ``record_steps`` (K) steps, and,
 with the logged step's full record where there is one, to the alert rules
-(``monitor.alerts``). When a rule fires at step ``t``:
+(``monitor.alerts``). Step ``t``'s rules run when it is complete: in the optimizer's pre-step
+hook of step ``t + 1`` (its gradients computed, its update not yet applied) or at
+``close()``. When a rule fires at step ``t``:
 
-- the step's record gets ``alert/<rule> = 1.0`` and a line of the text ``alert/events``;
-- the ring's steps before ``t`` are written as events of their own steps (the flight
-  recorder), then step ``t`` and the next K steps are logged like logged steps, with every
-  metric the preset computes;
-- ``on_alert(alert)`` is called. A callback that raises is logged once and counted in
+- the step's record gets ``alert/<rule> = 1.0`` and a line of the text ``alert/events``
+  (a step that was not a logged one is written with its cheap values);
+- the flight recorder writes the ring's K steps before ``t`` as events of their own steps,
+  and the next K steps are logged like logged steps, with every metric the preset computes;
+- ``on_alert(alert)`` is called (it can checkpoint, change the LR before step ``t + 1``'s
+  update, or stop). A callback that raises is logged once and counted in
   ``alert/callback_errors``; training goes on.
 
 A rule that fires again within ``cooldown`` steps is silenced and counted in
@@ -140,6 +143,8 @@ class JobAlerts:
     def log(self, values: dict[str, Any]) -> None:
         """Values passed to ``Monitor.log`` (kept as given: no device sync until the step ends)."""
         for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()  # keep no autograd graph alive until the step ends
             self._values[schema.TAG_LOSS if key == "loss" else key] = value
 
     def end_step(self, step: int, record: Any | None, make_record: Callable[[int], Any]) -> Any:

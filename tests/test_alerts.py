@@ -238,3 +238,18 @@ def test_dashboard_shows_the_jobs_alerts_and_replays_the_same_rules(tmp_path):
     assert list(zip(rules["run"], rules["step"])) == [("job", 60), ("off", 60)]
     assert "fired in the job" in rules.iloc[0]["detail"]
     assert "replayed" in rules.iloc[1]["detail"]
+
+
+def test_demo_spike_option_fires_an_alert(tmp_path):
+    """``train_chargpt.py --spike-at N`` (what ``make demo DEMO_ARGS="--spike-at N"`` runs):
+    an LR jump at N, alerts on; the job writes an alert within a few steps of N."""
+    from demos.train_chargpt import lr_factor, main, parse_args
+
+    cfg = parse_args(["--spike-at", "40", "--steps", "60", "--n-layer", "1", "--n-embd", "32",
+                      "--n-head", "2", "--block-size", "32", "--batch-size", "8", "--warmup", "0",
+                      "--lr", "3e-3", "--every", "10", "--preset", "cheap", "--logdir",
+                      str(tmp_path), "--run-name", "spike"])
+    assert [lr_factor(cfg, t) for t in (39, 40, 44, 45)] == [1.0, 30.0, 30.0, 1.0]
+    logdir = main(cfg)
+    fired = read_scalars(logdir)["alert/grad_norm_spike"]
+    assert fired and 40 <= min(fired) <= 43
