@@ -367,8 +367,10 @@ def main() -> None:
         json.dump(runs, fh)
     sample = [r for r in runs if r["events"]][:6] + [r for r in runs if not r["events"]][:2]
     png = os.path.join(HERE, "results", "spike_testbed_sample.png")
-    if sample:
+    try:
         plot_runs(sample, png)
+    except ImportError:
+        print("no plots: matplotlib is missing (pip install -e '.[bench]')")
     body = ("Rule: see `benchmarks/spike_testbed.py` (spike: loss above the 50-step running "
             f"median + {JUMP} nat, back below median + {HOLD} within {RECOVER} steps; "
             "collapse: not back, or non-finite).\n\n" + summary(runs)
