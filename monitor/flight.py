@@ -12,7 +12,8 @@ hook of step ``t + 1`` (its gradients computed, its update not yet applied) or a
 - the step's record gets ``alert/<rule> = 1.0`` and a line of the text ``alert/events``
   (a step that was not a logged one is written with its cheap values);
 - the flight recorder writes the ring's K steps before ``t`` as events of their own steps,
-  and the next K steps are logged like logged steps, with every metric the preset computes;
+  and the next K steps are logged like logged steps (norms, update ratios, rates, sigma_max,
+  stable rank; SJE and the NTK, about a training step each, keep their own schedule);
 - ``on_alert(alert)`` is called (it can checkpoint, change the LR before step ``t + 1``'s
   update, or stop). A callback that raises is logged once and counted in
   ``alert/callback_errors``; training goes on.

@@ -253,3 +253,15 @@ def test_demo_spike_option_fires_an_alert(tmp_path):
     logdir = main(cfg)
     fired = read_scalars(logdir)["alert/grad_norm_spike"]
     assert fired and 40 <= min(fired) <= 43
+
+
+def test_flight_recorder_over_logged_steps_survives_tensorboards_purge(tmp_path):
+    """The ring's steps before a logged step are written after it: TensorBoard's reader
+    purges that tag's later values then, so the ring writes the logged steps again, with the
+    same values; the logged steps' other metrics are not touched."""
+    logdir, _, _ = train(tmp_path, steps=75, spike_at=62, every=5, alerts=AlertConfig(record_steps=8))
+    scalars = read_scalars(logdir)  # EventAccumulator, purge_orphaned_data on (its default)
+    grad = scalars["grad_norm/0.weight"]
+    assert set(range(54, 62)) <= set(grad) and {50, 55, 60, 65, 70} <= set(grad)
+    assert {55, 60} <= set(scalars["sigma_max/0.weight"]) and 70 in scalars["sigma_max/0.weight"]
+    assert set(scalars[schema.TAG_LOSS]) >= {0, 5, *range(54, 71)}
