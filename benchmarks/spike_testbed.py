@@ -314,9 +314,8 @@ def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str) -> li
                 seconds = train_run(spec, logdir, data)
                 print(f"{spec.name}: {seconds:.0f} s", flush=True)
             scalars = read_scalars(logdir)
-            loss = dense(scalars["train/loss"], spec.steps)
-            n = int(scalars["train/loss"][0].max()) + 1
-            loss = loss[:n]
+            n = int(scalars["train/loss"][0].max()) + 1  # fewer than spec.steps if it died
+            loss = dense(scalars["train/loss"], n)
             events = [asdict(e) for e in label_events(loss)]
             runs.append({"name": spec.name, "spec": asdict(spec), "events": events,
                          "loss": loss.tolist(),

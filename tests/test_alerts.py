@@ -138,7 +138,7 @@ def test_job_alert_on_a_planted_spike_not_on_the_control(tmp_path):
 
 def test_flight_recorder_writes_the_steps_before_and_logs_the_steps_after(tmp_path):
     k = 8
-    cfg = AlertConfig(record_steps=k)
+    cfg = AlertConfig(record_steps=k, record_updates=True)
     logdir, _, mon = train(tmp_path, steps=80, spike_at=60, alerts=cfg)
     scalars = read_scalars(logdir)
     grad = scalars["grad_norm/0.weight"]
@@ -153,6 +153,10 @@ def test_flight_recorder_writes_the_steps_before_and_logs_the_steps_after(tmp_pa
     # and the ring values are the true ones: the gradient norm jumps at the trigger only
     assert max(grad[s] for s in range(52, 60)) * 3 < grad[60]
     assert [s for s, _ in mon._alerting.ring][-1] == 79
+    # by default (record_updates=False) the ring has update ratios of logged steps only
+    logdir, _, _ = train(tmp_path, steps=62, spike_at=60, alerts=AlertConfig(record_steps=k),
+                         name="no-updates")
+    assert set(read_scalars(logdir)["update_ratio/0.weight"]) == {0, 50, 61}  # 61: after the alert
 
 
 def test_ring_buffer_holds_the_steps_before_the_trigger(tmp_path):
@@ -162,7 +166,8 @@ def test_ring_buffer_holds_the_steps_before_the_trigger(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    mon = monitor.watch(model, opt, tmp_path, every=100, alerts=AlertConfig(record_steps=5),
+    mon = monitor.watch(model, opt, tmp_path, every=100,
+                        alerts=AlertConfig(record_steps=5, record_updates=True),
                         on_alert=lambda a: captured.update(ring=list(mon._alerting.ring)))
     grads, ratios = {}, {}
     for t in range(40):
