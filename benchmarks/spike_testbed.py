@@ -302,7 +302,8 @@ def plot_runs(runs: list[dict], out_png: str) -> None:
 
 
 # ------------------------------------------------------------------------------ main
-def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str) -> list[dict]:
+def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str,
+            label_only: bool = False) -> list[dict]:
     data = encode(stdlib_text())
     runs = []
     for seed in seeds:  # seed-major: an interrupted run still covers every mechanism
@@ -310,6 +311,8 @@ def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str) -> li
             spec = make_spec(mechanism, seed, steps)
             logdir = os.path.join(out, spec.name)
             if not _finished(logdir):
+                if label_only:
+                    continue
                 shutil.rmtree(logdir, ignore_errors=True)
                 seconds = train_run(spec, logdir, data)
                 print(f"{spec.name}: {seconds:.0f} s", flush=True)
@@ -321,6 +324,17 @@ def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str) -> li
                          "loss": loss.tolist(),
                          "grad_norm": dense(scalars["train/grad_norm"], n).tolist()})
     return runs
+
+
+def _sample(runs: list[dict]) -> list[dict]:
+    """For the plots: per mechanism the run with most events, then two runs without any."""
+    best: dict[str, dict] = {}
+    for run in runs:
+        m = run["spec"]["mechanism"]
+        if m not in best or len(run["events"]) > len(best[m]["events"]):
+            best[m] = run
+    quiet = [r for r in runs if not r["events"] and r not in best.values()][:2]
+    return list(best.values()) + quiet
 
 
 def _finished(logdir: str) -> bool:
@@ -357,14 +371,16 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join("runs", "spike_testbed"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 120 steps")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label-only", action="store_true",
+                        help="train nothing: label the finished runs of --mechanisms x --seeds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 120
-    runs = run_all(args.mechanisms, args.seeds, args.steps, args.out)
+    runs = run_all(args.mechanisms, args.seeds, args.steps, args.out, args.label_only)
     with open(os.path.join(args.out, "labels.json"), "w", encoding="utf-8") as fh:
         json.dump(runs, fh)
-    sample = [r for r in runs if r["events"]][:6] + [r for r in runs if not r["events"]][:2]
+    sample = _sample(runs)
     png = os.path.join(HERE, "results", "spike_testbed_sample.png")
     try:
         plot_runs(sample, png)
