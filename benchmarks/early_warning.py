@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import statistics
 import sys
 from collections.abc import Callable
@@ -162,9 +163,22 @@ def load(out: str) -> list[dict]:
     with open(os.path.join(out, "labels.json"), encoding="utf-8") as fh:
         runs = json.load(fh)
     for run in runs:
-        run["scalars"] = read_scalars(os.path.join(out, run["name"]))
+        run["scalars"] = _cached_scalars(os.path.join(out, run["name"]))
         run["n"] = len(run["loss"])
     return runs
+
+
+def _cached_scalars(logdir: str) -> dict:
+    """``read_scalars`` of a finished run, cached next to its event files (a re-run of the
+    scoring then takes seconds instead of re-reading every event)."""
+    path = os.path.join(logdir, "scalars.pkl")
+    if os.path.exists(path):
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    scalars = read_scalars(logdir)
+    with open(path, "wb") as fh:
+        pickle.dump(scalars, fh)
+    return scalars
 
 
 def evaluate(runs: list[dict]) -> tuple[list[dict], dict]:
