@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import statistics
 import sys
 from collections.abc import Callable
@@ -46,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import md_table, write_results  # noqa: E402
-from benchmarks.spike_testbed import CONTROLS, dense, read_scalars  # noqa: E402
+from benchmarks.spike_testbed import CONTROLS, cached_scalars, dense  # noqa: E402
 from monitor.alerts import AlertRule, replay  # noqa: E402
 from monitor.flight import AlertConfig  # noqa: E402
 from monitor.pss.detect import Detector  # noqa: E402
@@ -163,22 +162,9 @@ def load(out: str) -> list[dict]:
     with open(os.path.join(out, "labels.json"), encoding="utf-8") as fh:
         runs = json.load(fh)
     for run in runs:
-        run["scalars"] = _cached_scalars(os.path.join(out, run["name"]))
+        run["scalars"] = cached_scalars(os.path.join(out, run["name"]))
         run["n"] = len(run["loss"])
     return runs
-
-
-def _cached_scalars(logdir: str) -> dict:
-    """``read_scalars`` of a finished run, cached next to its event files (a re-run of the
-    scoring then takes seconds instead of re-reading every event)."""
-    path = os.path.join(logdir, "scalars.pkl")
-    if os.path.exists(path):
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
-    scalars = read_scalars(logdir)
-    with open(path, "wb") as fh:
-        pickle.dump(scalars, fh)
-    return scalars
 
 
 def evaluate(runs: list[dict]) -> tuple[list[dict], dict]:

@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -219,6 +220,19 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def cached_scalars(logdir: str) -> dict:
+    """``read_scalars`` of a finished run, cached next to its event files (a re-run of the
+    scoring then takes seconds instead of re-reading every event)."""
+    path = os.path.join(logdir, "scalars.pkl")
+    if os.path.exists(path):
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    scalars = read_scalars(logdir)
+    with open(path, "wb") as fh:
+        pickle.dump(scalars, fh)
+    return scalars
+
+
 def dense(series: tuple[np.ndarray, np.ndarray], n: int) -> np.ndarray:
     """A ``(steps, values)`` series as an array over steps 0..n-1 (NaN where missing)."""
     out = np.full(n, np.nan)
@@ -316,7 +330,7 @@ def run_all(mechanisms: list[str], seeds: list[int], steps: int, out: str,
                 shutil.rmtree(logdir, ignore_errors=True)
                 seconds = train_run(spec, logdir, data)
                 print(f"{spec.name}: {seconds:.0f} s", flush=True)
-            scalars = read_scalars(logdir)
+            scalars = cached_scalars(logdir)
             n = int(scalars["train/loss"][0].max()) + 1  # fewer than spec.steps if it died
             loss = dense(scalars["train/loss"], n)
             events = [asdict(e) for e in label_events(loss)]
