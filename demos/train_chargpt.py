@@ -47,7 +47,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     step_delay: float = 0.0  # seconds to sleep per step (slows the demo to watch it live)
     alerts: bool = False  # alert rules in the job (monitor.alerts defaults) + flight recorder
-    spike_at: int = 0  # push the run into a loss spike: LR x30 for 5 steps from this step
+    spike_at: int = 0  # push the run into a loss spike: LR x100 for 5 steps from this step
     #                    (0: off; turns alerts on)
 
 
@@ -64,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def lr_factor(cfg: TrainConfig, t: int) -> float:
-    """Linear warm-up; with --spike-at, x30 for 5 steps there (an LR jump: a loss spike)."""
+    """Linear warm-up; with --spike-at, x100 for 5 steps there (an LR jump: a loss spike)."""
     factor = min(1.0, (t + 1) / cfg.warmup) if cfg.warmup else 1.0
-    return factor * (30.0 if cfg.spike_at and cfg.spike_at <= t < cfg.spike_at + 5 else 1.0)
+    return factor * (100.0 if cfg.spike_at and cfg.spike_at <= t < cfg.spike_at + 5 else 1.0)
 
 
 def on_alert(alert) -> None:
