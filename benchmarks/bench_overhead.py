@@ -9,7 +9,7 @@
 3. Power-iteration sigma_max / stable rank against a full SVD (time ratio, error).
 4. Event-write throughput against torch's SummaryWriter.add_scalar.
 5. Alerts and the flight recorder (``watch(alerts=True)``: the default rules checked every
-   step, per-layer gradient norms and update ratios every step, a ring of 32 steps) against
+   step, per-layer gradient norms every step, a ring of 32 steps) against
    the same monitor without them, side by side (``--alerts-only`` runs this section alone).
 6. Where CUDA is available, 1 and 2 again on the GPU for a GPT-2-small-sized model
    (12 layers, d=768, context 1024, batch 8; byte vocabulary), or alone with ``--gpu-only``.
@@ -164,7 +164,8 @@ def alerts_overhead(steps_per_block: int, reps: int, every: int, setup: Setup = 
     with_updates, without = alerts_step_cost(setup)
     return (f"{setup.label}), AdamW, `every={every}`, preset `full`; arms: bare, monitored, "
             f"monitored with `alerts=True` (defaults: {len(monitor.flight.AlertConfig().rules)} "
-            f"rule(s), gradient norms and update ratios every step, flight recorder K = "
+            f"rule(s), gradient norms every step, update ratios every step: "
+            f"{monitor.flight.AlertConfig().record_updates}, flight recorder K = "
             f"{monitor.flight.AlertConfig().record_steps}); {reps} interleaved rounds of "
             f"{steps_per_block} steps; no alert fires (a stable run), so this is the steady cost.\n\n"
             + md_table(["", "value"], [
