@@ -31,7 +31,7 @@ test: $(DEV_STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) demos/launch.py --logdir $(LOGDIR) --port $(PORT)
+	$(PY) demos/launch.py --logdir $(LOGDIR) --port $(PORT) $(DEMO_ARGS)
 
 demo-train: $(STAMP)
 	$(PY) demos/train_chargpt.py --logdir $(LOGDIR)

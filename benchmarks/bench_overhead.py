@@ -8,7 +8,10 @@
 2. The cost of one logging step in training-step equivalents, per metric.
 3. Power-iteration sigma_max / stable rank against a full SVD (time ratio, error).
 4. Event-write throughput against torch's SummaryWriter.add_scalar.
-5. Where CUDA is available, 1 and 2 again on the GPU for a GPT-2-small-sized model
+5. Alerts and the flight recorder (``watch(alerts=True)``: the default rules checked every
+   step, per-layer gradient norms every step, a ring of 32 steps) against
+   the same monitor without them, side by side (``--alerts-only`` runs this section alone).
+6. Where CUDA is available, 1 and 2 again on the GPU for a GPT-2-small-sized model
    (12 layers, d=768, context 1024, batch 8; byte vocabulary), or alone with ``--gpu-only``.
 """
 
@@ -26,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import monitor  # noqa: E402
+import monitor.flight  # noqa: E402
 from benchmarks.common import best_time, md_table, write_results  # noqa: E402
 from demos.data import encode, get_batch, stdlib_text  # noqa: E402
 from demos.model import GPT, GPTConfig  # noqa: E402
@@ -124,6 +128,91 @@ def overhead(steps_per_block: int, reps: int, every: int, setup: Setup = DEMO) -
                 ["target", "<= 1.03 (goal 1.01)"],
             ]))
     return text, step_ms
+
+
+def alerts_overhead(steps_per_block: int, reps: int, every: int, setup: Setup = DEMO) -> str:
+    """``watch(..., alerts=True)`` against the same ``full`` monitor without alerts."""
+    batches = setup.batches(steps_per_block, 0)
+    arms = []
+    for alerts in (None, True):
+        model, opt = demo_setup(setup)
+        logdir = tempfile.mkdtemp(prefix="bench-alerts-")
+        mon = monitor.watch(model, opt, logdir, config=MonitorConfig.preset("full", every=every),
+                            alerts=alerts)
+        train_block(model, opt, batches[:3], mon, setup)  # warm-up
+        arms.append([model, opt, mon, logdir, []])
+    bare_model, bare_opt = demo_setup(setup)
+    bare = []
+    train_block(bare_model, bare_opt, batches[:3], setup=setup)
+    for rep in range(reps):  # interleave the three arms, rotating which goes first
+        order = [0, 1, 2][rep % 3:] + [0, 1, 2][:rep % 3]
+        for i in order:
+            if i == 2:
+                bare.append(train_block(bare_model, bare_opt, batches, setup=setup))
+            else:
+                model, opt, mon, _, out = arms[i]
+                out.append(train_block(model, opt, batches, mon, setup))
+    own = []
+    for _, _, mon, logdir, _ in arms:
+        mon.close()
+        own.append(hook_own_seconds(logdir))
+    plain, alerted = arms[0][4], arms[1][4]
+    per_pair = sorted(a / p for a, p in zip(alerted, plain))
+    q = max(1, reps // 4)
+    step_ms = 1000 * sum(bare) / (reps * steps_per_block)
+    extra_ms = 1000 * (own[1] - own[0]) / ((reps + 0) * steps_per_block)
+    with_updates, without = alerts_step_cost(setup)
+    return (f"{setup.label}), AdamW, `every={every}`, preset `full`; arms: bare, monitored, "
+            f"monitored with `alerts=True` (defaults: {len(monitor.flight.AlertConfig().rules)} "
+            f"rule(s), gradient norms every step, update ratios every step: "
+            f"{monitor.flight.AlertConfig().record_updates}, flight recorder K = "
+            f"{monitor.flight.AlertConfig().record_steps}); {reps} interleaved rounds of "
+            f"{steps_per_block} steps; no alert fires (a stable run), so this is the steady cost.\n\n"
+            + md_table(["", "value"], [
+                ["bare step (mean)", f"{step_ms:.1f} ms"],
+                ["monitored / bare (sum)", f"{sum(plain) / sum(bare):.4f}"],
+                ["monitored + alerts / bare (sum)", f"{sum(alerted) / sum(bare):.4f}"],
+                ["**alerts on / alerts off** (sum over all blocks)", f"**{sum(alerted) / sum(plain):.4f}**"],
+                ["median of the per-round ratios (min / max)",
+                 f"{statistics.median(per_pair):.4f} ({per_pair[0]:.3f} / {per_pair[-1]:.3f})"],
+                [f"fastest {q} blocks of each arm", f"{sum(sorted(alerted)[:q]) / sum(sorted(plain)[:q]):.4f}"],
+                ["the hook's own clock: extra time per step with alerts",
+                 f"{extra_ms:.2f} ms ({extra_ms / step_ms:.2%} of a bare step)"],
+                ["the alert machinery of one step alone, best of 30 (with / without update ratios)",
+                 f"{1000 * with_updates:.2f} ms / {1000 * without:.2f} ms "
+                 f"({with_updates / (step_ms / 1000):.2%} / {without / (step_ms / 1000):.2%} of a bare step)"],
+                ["target", "<= 1.01"],
+            ]))
+
+
+def alerts_step_cost(setup: Setup = DEMO, repeat: int = 30) -> tuple[float, float]:
+    """Best-of time (s) of the alert machinery of one non-logged step (cheap values, ring,
+    rules; no firing) on the demo model: ``(with update ratios, without)``."""
+    from monitor.flight import AlertConfig, JobAlerts, computed_metrics
+    from monitor.hook import Layer, StepRecord
+
+    model, opt = demo_setup(setup)
+    [(x, y)] = setup.batches(1, 2)
+    _, loss = model(x, y)
+    loss.backward()
+    layers = [Layer(n, p, "linear", p.ndim >= 2) for n, p in model.named_parameters()]
+    out = []
+    for updates in (True, False):
+        job = JobAlerts(AlertConfig(record_updates=updates), layers,
+                        computed_metrics(MonitorConfig(), layers), None, lambda *a: None)
+        step = [0]
+
+        def one():
+            job.before_update(None)
+            job.after_update(None)
+            job.log({"loss": loss.detach()})
+            job.end_step(step[0], None, StepRecord)
+            step[0] += 1
+            setup.sync()
+
+        one()
+        out.append(best_time(one, repeat))
+    return out[0], out[1]
 
 
 def hook_own_seconds(logdir: str) -> float:
@@ -257,11 +346,18 @@ def main() -> None:
     parser.add_argument("--gpu-only", action="store_true",
                         help="only the GPU section (needs CUDA); writes results/overhead_gpu.md by default")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--alerts-only", action="store_true",
+                        help="only the alerts section; writes results/overhead_alerts.md by default")
     args = parser.parse_args()
     reps = 2 if args.quick else 16
     sections = []
     if args.gpu_only and not torch.cuda.is_available():
         parser.error("--gpu-only needs CUDA, and torch.cuda.is_available() is False")
+    if args.alerts_only:
+        out = args.out or RESULTS.replace("overhead.md", "overhead_alerts.md")
+        write_results(out, "Overhead of alerts and the flight recorder", alerts_overhead(
+            args.every, 3 if args.quick else 12, args.every))
+        return
     if not args.gpu_only:
         text, step_ms = overhead(args.every, reps, args.every)
         sections.append("## Monitored vs bare training\n\n" + text)
@@ -270,6 +366,8 @@ def main() -> None:
         sections.append("## Power iteration vs full SVD\n\n" + power_vs_svd(sizes))
         sections.append("## Event-write throughput\n\n" + write_throughput(
             20 if args.quick else 200, 1000))
+        sections.append("## Alerts and the flight recorder\n\n" + alerts_overhead(
+            args.every, 3 if args.quick else 12, args.every))
     if torch.cuda.is_available():
         gpu = GPT2_SMALL
         if args.quick:

@@ -9,7 +9,10 @@
 - ``non-finite``: non-finite gradient or weight entries counted by the hook, and NaN or
   infinite metric values;
 - ``monitor overhead``: the monitor's own share of wall time (``monitor/overhead``), median
-  over the logged steps after the first, above ``overhead_limit`` (10%).
+  over the logged steps after the first, above ``overhead_limit`` (10%);
+- ``rule <name>``: the job's alert rules (``monitor.alerts``, the same module the job runs):
+  the ``alert/<rule>`` firings the job wrote, or, for a run that wrote none (alerts off),
+  the default rules replayed on its logged steps.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from monitor import alerts as rules
 from monitor import schema
 
 ALERT_COLUMNS = ("run", "kind", "layer", "step", "detail")
@@ -37,6 +41,7 @@ def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int
                     rows.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
         rows.extend(_nonfinite(table))
         rows.extend(_overhead(table, overhead_limit))
+        rows.extend(_rule_alerts(table))
     frame = pd.DataFrame(rows, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
@@ -155,3 +160,33 @@ def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarra
     hits = [(r, l, s) in zero for r, l, s in zip(rows["run"], rows["layer"], rows["step"])]
     mask[np.flatnonzero(is_ratio)] = hits
     return mask
+
+
+def _rule_alerts(table: pd.DataFrame) -> list[tuple]:
+    """The job's alert rules: firings it wrote (``alert/<rule>``), else the defaults replayed."""
+    metrics = [str(m) for m in table["metric"].cat.categories]
+    written = [m for m in metrics if m.startswith("alert/") and m.split("/", 1)[1] not in rules.RESERVED]
+    out = []
+    for run, group in table.groupby("run", observed=True):
+        fired = group[group["metric"].isin(written) & (group["value"] > 0)]
+        for metric, step in zip(fired["metric"], fired["step"]):
+            out.append((run, f"rule {metric.split('/', 1)[1]}", "(all)", int(step),
+                        f"fired in the job (layer and value: text {schema.TAG_ALERT_EVENTS})"))
+        if not len(fired):
+            for alert in rules.replay(_step_values(group, rules.DEFAULT_RULES), rules.DEFAULT_RULES):
+                out.append((run, f"rule {alert.rule}", alert.layer or "(all)", alert.step,
+                            f"replayed on the logged steps: {alert.describe()}"))
+    return out
+
+
+def _step_values(group: pd.DataFrame, rule_list) -> list[tuple[int, dict[str, float]]]:
+    """``(step, {tag: value})`` in step order for the signals the rules read."""
+    signals = {r.signal for r in rule_list}
+    sub = group[group["metric"].isin(signals)]
+    if not len(sub):
+        return []
+    layer = sub["layer"].astype(str)
+    tags = np.where(layer == "", sub["metric"].astype(str), sub["metric"].astype(str) + "/" + layer)
+    frame = pd.DataFrame({"step": sub["step"].to_numpy(), "tag": tags, "value": sub["value"].to_numpy()})
+    return [(int(step), dict(zip(rows["tag"], rows["value"])))
+            for step, rows in frame.sort_values("step", kind="stable").groupby("step", sort=True)]

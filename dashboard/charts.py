@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dashboard import transforms
 from monitor import schema
-from monitor.pss import detect
 
 MAX_POINTS = 2000  # points per line after downsampling
 MAX_HEATMAP_STEPS = 400  # step columns of a heatmap after binning
@@ -130,15 +131,22 @@ def heatmap_matrix(table: pd.DataFrame, metric: str, layers: Sequence[str],
     c = np.searchsorted(steps, step_values)
     z = np.full((len(layers), len(steps)), np.nan)
     z[r, c] = values
-    if len(steps) > max_steps:
-        starts = np.linspace(0, len(steps), max_steps, endpoint=False).astype(np.int64)
-        finite = np.isfinite(z)
-        total = np.add.reduceat(np.where(finite, z, 0.0), starts, axis=1)
-        count = np.add.reduceat(finite.astype(np.int64), starts, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        steps = steps[starts]
-    return steps, z
+    return bin_columns(steps, z, max_steps)
+
+
+def bin_columns(steps: np.ndarray, z: np.ndarray, max_steps: int = MAX_HEATMAP_STEPS
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_steps`` columns: the mean of each bin's finite values (NaN where it
+    has none), labelled by the bin's first step."""
+    if len(steps) <= max_steps:
+        return steps, z
+    starts = np.linspace(0, len(steps), max_steps, endpoint=False).astype(np.int64)
+    finite = np.isfinite(z)
+    total = np.add.reduceat(np.where(finite, z, 0.0), starts, axis=1)
+    count = np.add.reduceat(finite.astype(np.int64), starts, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return steps[starts], z
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,57 +154,139 @@ def heatmap_matrix(table: pd.DataFrame, metric: str, layers: Sequence[str],
 # ---------------------------------------------------------------------------------------
 
 
-def _layout(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+@dataclass(frozen=True)
+class Style:
+    """How lines are drawn: the x axis (``transforms.X_AXES``) and TensorBoard smoothing."""
+
+    x: str = "step"
+    smoothing: float = 0.0
+
+
+def xy(table: pd.DataFrame, metric: str, layer: str = "", run: str | None = None,
+       style: Style = Style(), max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Downsampled, smoothed (x, y) of one series, x as ``style.x`` asks."""
+    rows = metric_rows(table, metric)
+    mask = rows["layer"] == layer
+    if run is not None:
+        mask &= rows["run"] == run
+    rows = rows[mask]
+    order = np.argsort(rows["step"].to_numpy(), kind="stable")
+    steps = rows["step"].to_numpy()[order]
+    values = rows["value"].to_numpy()[order]
+    if style.x != "step":
+        wall = rows["wall_time"].to_numpy()[order]
+        start = _run_start(table, run)
+        steps = transforms.x_values(steps, wall, style.x, start)
+    x, y = downsample(steps, values, max_points)
+    return x, transforms.ema_smooth(y, style.smoothing)
+
+
+def _run_start(table: pd.DataFrame, run: str | None) -> float | None:
+    rows = table if run is None else table[table["run"] == run]
+    wall = rows["wall_time"].to_numpy()
+    return float(wall.min()) if len(wall) else None
+
+
+def line(x, y, name: str, color: str, dash: str = "solid", hover: str = "", width: float = 2,
+         **kwargs) -> go.Scattergl:
+    """A line trace; markers too when it has a single point (a line of one point is
+    invisible and leaves an empty chart)."""
+    mode = "lines+markers" if np.isfinite(np.asarray(y, float)).sum() <= 1 else "lines"
+    return go.Scattergl(x=x, y=y, mode=mode, name=name, line=dict(color=color, dash=dash,
+                                                                   width=width),
+                        marker=dict(size=8, color=color),
+                        hovertemplate=f"{hover or name}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+                        **kwargs)
+
+
+def log_axis(fig: go.Figure, **where) -> None:
+    """A log y axis whose tick labels are whole numbers (0.5, 2e-3), not mantissas ("5")."""
+    fig.update_yaxes(type="log", tickformat="~g", dtick="D2", exponentformat="e", **where)
+
+
+def reference(fig: go.Figure, lines: Sequence[tuple[float, str]], **where) -> None:
+    """Horizontal reference lines (alert thresholds), labelled at the right."""
+    for y, label in lines:
+        fig.add_hline(y=y, line=dict(color="#d62728", dash="dot", width=1),
+                      annotation_text=label, annotation_position="top right",
+                      annotation_font_size=10, **where)
+
+
+def x_title(style: Style) -> str:
+    return {"step": "optimizer step", "wall time": "wall time",
+            "relative time (h)": "hours since the run started"}.get(style.x, style.x)
+
+
+def frame(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+    """Title, height, a small legend above the plot, full names in the hover."""
     fig.update_layout(title=dict(text=title, y=0.99, yanchor="top"), height=height,
                       margin=dict(l=10, r=10, t=90, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0),
-                      hovermode="x unified")
+                      legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0,
+                                  font=dict(size=10), itemwidth=30),
+                      hovermode="x unified", hoverlabel=dict(namelength=-1))
     return fig
 
 
 def heatmap_figure(layers: Sequence[str], steps: np.ndarray, z: np.ndarray, metric: str,
-                   log: bool = False) -> go.Figure:
-    """Layer x step heatmap; layers top to bottom in model order; log10 colour when asked."""
+                   log: bool = False, scale: str = "value", title: str | None = None
+                   ) -> go.Figure:
+    """Layer x step heatmap; layers top to bottom in model order; log10 colour when asked.
+
+    ``scale`` names what ``z`` holds (a ``transforms.HEAT_SCALES`` entry) for the labels."""
     shown = finite_or_nan(z)
-    label = metric
+    label = {transforms.HEAT_SCALES[1]: f"{metric} / layer's first value",
+             transforms.HEAT_SCALES[2]: f"{metric} / layer's median"}.get(scale, metric)
     if log:
         with np.errstate(invalid="ignore", divide="ignore"):
             shown = np.where(shown > 0, np.log10(np.where(shown > 0, shown, 1.0)), np.nan)
-        label = f"log10 {metric}"
-    fig = go.Figure(go.Heatmap(z=shown, x=steps, y=list(layers), colorscale="Viridis",
-                               colorbar=dict(title=label), hoverongaps=False,
+        label = f"log10 {label}"
+    colorscale = "RdBu_r" if scale != "value" else "Viridis"
+    mid = (0.0 if log else 1.0) if scale != "value" else None
+    fig = go.Figure(go.Heatmap(z=shown, x=steps, y=list(layers), colorscale=colorscale,
+                               zmid=mid, colorbar=dict(title=dict(text=label, side="right")),
+                               hoverongaps=False,
                                hovertemplate="step %{x}<br>%{y}<br>" + label + " %{z:.4g}"
                                              "<extra></extra>"))
     if len(layers) <= 60:  # every name readable; beyond that, names are in the hover
         fig.update_yaxes(tickmode="array", tickvals=list(layers))
     fig.update_yaxes(autorange="reversed", showticklabels=len(layers) <= 60)
     height = int(min(1000, max(320, 20 * len(layers) + 150)))
-    fig = _layout(fig, f"{metric}: layer x step", height)
+    fig = frame(fig, title or f"{metric}: layer x step", height)
     fig.update_layout(hovermode="closest")
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title="optimizer step")
     return fig
 
 
 def lines_figure(table: pd.DataFrame, metric: str, layers: Sequence[str], log: bool = False,
-                 max_points: int = MAX_POINTS) -> go.Figure:
-    """One line per (run, layer); colour per layer, dash per run; at most MAX_LINES layers."""
+                 max_points: int = MAX_POINTS, style: Style = Style(),
+                 refs: Sequence[tuple[float, str]] = (), y_title: str | None = None) -> go.Figure:
+    """One line per (run, layer), at most MAX_LINES layers. One run: a colour per layer;
+    several: a colour per run and a dash per layer, the run's full name in the hover."""
     fig = go.Figure()
     runs = list(table["run"].cat.categories) if len(table) else []
     rows = metric_rows(table, metric)
     for li, layer in enumerate(list(layers)[:MAX_LINES]):
         for ri, run in enumerate(runs):
-            x, y = series(rows, metric, layer, run if len(runs) > 1 else None)
+            x, y = xy(rows, metric, layer, run if len(runs) > 1 else None, style, max_points)
             if not len(x):
                 continue
-            x, y = downsample(x, y, max_points)
-            name = layer if len(runs) == 1 else f"{layer} [{run}]"
-            fig.add_trace(go.Scattergl(x=x, y=y, mode="lines", name=name,
-                                       line=dict(color=PALETTE[li % len(PALETTE)],
-                                                 dash=DASHES[ri % len(DASHES)])))
+            if len(runs) == 1:
+                trace = line(x, y, layer, PALETTE[li % len(PALETTE)])
+            else:
+                trace = line(x, y, f"{_short(run)} · {layer}", PALETTE[ri % len(PALETTE)],
+                             DASHES[li % len(DASHES)], hover=f"{run} · {layer}",
+                             legendgroup=run)
+            fig.add_trace(trace)
     if log:
-        fig.update_yaxes(type="log")
-    fig.update_xaxes(title="step")
-    return _layout(fig, f"{metric} per layer")
+        log_axis(fig)
+    reference(fig, refs)
+    fig.update_yaxes(title=y_title or metric)
+    fig.update_xaxes(title=x_title(style))
+    return frame(fig, f"{metric} per layer")
+
+
+def _short(run: str, n: int = 24) -> str:
+    return run if len(run) <= n else "…" + run[-(n - 1):]
 
 
 def intervention_steps(table: pd.DataFrame, run: str | None = None) -> np.ndarray:
@@ -205,7 +295,8 @@ def intervention_steps(table: pd.DataFrame, run: str | None = None) -> np.ndarra
     return x[y > 0]
 
 
-def overview_figure(table: pd.DataFrame, max_points: int = MAX_POINTS) -> go.Figure:
+def overview_figure(table: pd.DataFrame, max_points: int = MAX_POINTS,
+                    style: Style = Style()) -> go.Figure:
     """Loss (top) and global gradient norm (bottom, log) per run; PSS interventions marked."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("loss", "global gradient norm"))
@@ -213,82 +304,43 @@ def overview_figure(table: pd.DataFrame, max_points: int = MAX_POINTS) -> go.Fig
     for ri, run in enumerate(runs):
         color = PALETTE[ri % len(PALETTE)]
         for row, tag in ((1, schema.TAG_LOSS), (2, schema.TAG_GLOBAL_GRAD_NORM)):
-            x, y = series(table, tag, "", run)
-            if not len(x):
-                continue
-            x, y = downsample(x, y, max_points)
-            fig.add_trace(go.Scattergl(x=x, y=y, mode="lines", name=f"{run}", legendgroup=run,
-                                       showlegend=row == 1, line=dict(color=color)),
-                          row=row, col=1)
+            x, y = xy(table, tag, "", run, style, max_points)
+            if len(x):
+                fig.add_trace(line(x, y, _short(run), color, hover=f"{run} · {tag}",
+                                   legendgroup=run, showlegend=row == 1), row=row, col=1)
         hits = intervention_steps(table, run)
         if len(hits):
             gx, gy = series(table, schema.TAG_GLOBAL_GRAD_NORM, "", run)
             gy_at = np.interp(hits, gx, gy) if len(gx) else np.ones(len(hits))
-            fig.add_trace(go.Scatter(x=hits, y=gy_at, mode="markers", legendgroup=run,
-                                     name=f"PSS intervention [{run}]",
+            hx, hv = xy(table, schema.TAG_PSS_INTERVENTION, "", run, Style(x=style.x), 10**9)
+            fig.add_trace(go.Scatter(x=hx[hv > 0], y=gy_at, mode="markers", legendgroup=run,
+                                     name=f"PSS intervention [{_short(run)}]",
                                      marker=dict(symbol="x", size=10, color="#d62728")),
                           row=2, col=1)
-    fig.update_yaxes(type="log", row=2, col=1)
-    fig.update_xaxes(title="step", row=2, col=1)
-    return _layout(fig, "loss and gradient norm", height=520)
+    log_axis(fig, row=2, col=1)
+    fig.update_yaxes(title="loss (nats)", row=1, col=1)
+    fig.update_yaxes(title="||g|| (all parameters)", row=2, col=1)
+    fig.update_xaxes(title=x_title(style), row=2, col=1)
+    return frame(fig, "loss and gradient norm", height=520)
 
 
-def lr_figure(table: pd.DataFrame, layers: Sequence[str], max_points: int = MAX_POINTS
-              ) -> go.Figure:
-    """Applied learning rate (solid) and measured effective rate (dotted) per layer, log y."""
+def lr_figure(table: pd.DataFrame, layers: Sequence[str], max_points: int = MAX_POINTS,
+              style: Style = Style()) -> go.Figure:
+    """Applied learning rate (solid) and measured effective rate (dotted) per layer, log y.
+    Several runs: a colour per run, the layer in the name and hover."""
     fig = go.Figure()
     runs = list(table["run"].cat.categories) if len(table) else []
     for li, layer in enumerate(list(layers)[:MAX_LINES]):
-        color = PALETTE[li % len(PALETTE)]
         for ri, run in enumerate(runs):
-            suffix = "" if len(runs) == 1 else f" [{run}]"
+            color = PALETTE[(li if len(runs) == 1 else ri) % len(PALETTE)]
+            prefix = "" if len(runs) == 1 else f"{_short(run)} · "
             for metric, dash, label in (("lr", "solid", "applied"),
                                         ("lr_effective", "dot", "effective")):
-                x, y = series(table, metric, layer, run)
-                if not len(x):
-                    continue
-                x, y = downsample(x, y, max_points)
-                fig.add_trace(go.Scattergl(x=x, y=y, mode="lines",
-                                           name=f"{layer} {label}{suffix}",
-                                           line=dict(color=color, dash=dash,
-                                                     width=2 if ri == 0 else 1)))
-    fig.update_yaxes(type="log", title="learning rate")
-    fig.update_xaxes(title="step")
-    return _layout(fig, "applied (solid) and effective (dotted) learning rate", height=420)
-
-
-def whatif_replay(steps: np.ndarray, grad_norms: np.ndarray, config: schema.PSSConfig
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ratios, triggered)`` per logged step: the job's own rule (``monitor.pss.detect``).
-
-    The warm-up follows the step numbers; the average moves once per logged value, so on a
-    run logged every N steps this approximates what the job, which sees every step, does.
-    """
-    pairs = zip(np.asarray(steps).tolist(), np.asarray(grad_norms, float).tolist())
-    rows = detect.trace(pairs, config.tau, config.alpha, config.warmup_steps)
-    return (np.array([r[1] for r in rows], float).reshape(-1),
-            np.array([r[2] for r in rows], bool).reshape(-1))
-
-
-def whatif_figure(steps: np.ndarray, grad_norms: np.ndarray, triggered: np.ndarray,
-                  logged: np.ndarray | None = None) -> go.Figure:
-    """Gradient norm with the steps the chosen settings would trigger on (and those logged)."""
-    fig = go.Figure()
-    x, y = downsample(np.asarray(steps), np.asarray(grad_norms, float))
-    fig.add_trace(go.Scattergl(x=x, y=y, mode="lines", name="global gradient norm",
-                               line=dict(color=PALETTE[0])))
-    hit = np.asarray(triggered, bool)
-    marks = finite_or_nan(grad_norms)
-    top = np.nanmax(marks) if np.isfinite(marks).any() else 1.0
-    marks = np.where(np.isnan(marks), top, marks)  # a non-finite norm triggers: mark it on top
-    fig.add_trace(go.Scatter(x=np.asarray(steps)[hit], y=marks[hit],
-                             mode="markers", name="would trigger",
-                             marker=dict(symbol="circle-open", size=12, color="#ff7f0e",
-                                         line=dict(width=2))))
-    if logged is not None and len(logged):
-        gy = np.interp(logged, steps, grad_norms) if len(steps) else np.ones(len(logged))
-        fig.add_trace(go.Scatter(x=logged, y=gy, mode="markers", name="logged intervention",
-                                 marker=dict(symbol="x", size=9, color="#d62728")))
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(title="step")
-    return _layout(fig, "what-if: detection replayed over the logged gradient norms")
+                x, y = xy(table, metric, layer, run, style, max_points)
+                if len(x):
+                    fig.add_trace(line(x, y, f"{prefix}{layer} {label}", color, dash,
+                                       hover=f"{run} · {layer} {label}"))
+    log_axis(fig)
+    fig.update_yaxes(title="learning rate (per step)")
+    fig.update_xaxes(title=x_title(style))
+    return frame(fig, "applied (solid) and effective (dotted) learning rate", height=420)

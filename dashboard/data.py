@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import struct
 import threading
 import time
@@ -66,7 +67,7 @@ class RunInfo:
 
     name: str  # path relative to the log directory ("." for the log directory itself)
     path: str  # absolute, resolved path
-    status: str  # "live", "finished", "stale" or "no events"
+    status: str  # "live", "finished", "interrupted", "crashed", "stale" or "no events"
     updated: float  # newest modification time of its event files and run.json
     layers: tuple[str, ...] = ()  # parameter names in model order (from run.json)
     meta: dict = field(default_factory=dict, compare=False, hash=False)  # run.json content
@@ -85,15 +86,40 @@ def read_run_file(run_dir: str) -> dict:
 
 
 def run_status(meta: dict, updated: float, has_events: bool, now: float | None = None) -> str:
-    """finished if run.json says so; live if running and written in the last LIVE_SECONDS."""
-    if meta.get("status") == "finished":
-        return "finished"
+    """The state a run is in, from ``run.json`` (``monitor.runstate``) and its files.
+
+    ``finished``, ``interrupted``, ``crashed``: what the job wrote when it ended.
+    ``running`` becomes *live* while its process exists (``pid`` on this host) or, for a
+    job on another host, while a file changed in the last LIVE_SECONDS; else *stale*
+    (killed without a word: SIGKILL, out of memory, a lost node)."""
+    status = meta.get("status")
+    if status in schema.RUN_STATES and status != "running":
+        return status
     if not has_events:
         return "no events"
-    now = time.time() if now is None else now
-    if meta.get("status") == "running" and now - updated <= LIVE_SECONDS:
-        return "live"
+    if status == "running":
+        alive = process_alive(meta)
+        if alive is not None:
+            return "live" if alive else "stale"
+        now = time.time() if now is None else now
+        if now - updated <= LIVE_SECONDS:
+            return "live"
     return "stale"
+
+
+def process_alive(meta: dict) -> bool | None:
+    """Whether the job's process still exists; None when that cannot be told here
+    (no pid recorded, or the job ran on another host)."""
+    pid, host = meta.get("pid"), meta.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def discover_runs(logdir: str) -> list[RunInfo]:

@@ -3,6 +3,7 @@
     python demos/train_chargpt.py                      # defaults below
     python demos/train_chargpt.py --steps 300 --pss    # with Parametric Singularity Smoothing
     python demos/train_chargpt.py --lr 3e-2            # a learning rate that spikes
+    python demos/train_chargpt.py --spike-at 300       # an LR jump at step 300: an alert fires
 
 Writes a run directory under --logdir (default runs/) and prints how to view it.
 """
@@ -29,7 +30,7 @@ from demos.model import GPT, GPTConfig  # noqa: E402
 class TrainConfig:
     logdir: str = "runs"  # parent directory of run directories
     run_name: str = ""  # default: chargpt-<date-time>
-    steps: int = 600  # optimizer steps
+    steps: int = 300  # optimizer steps (about 3 min on 2 cores; PSS acts at step 236)
     batch_size: int = 16
     block_size: int = 128
     n_layer: int = 4
@@ -45,6 +46,9 @@ class TrainConfig:
     seed: int = 1337
     threads: int = 0  # torch threads; 0 keeps torch's default
     step_delay: float = 0.0  # seconds to sleep per step (slows the demo to watch it live)
+    alerts: bool = False  # alert rules in the job (monitor.alerts defaults) + flight recorder
+    spike_at: int = 0  # push the run into a loss spike: LR x100 for 5 steps from this step
+    #                    (0: off; turns alerts on)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -59,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+def lr_factor(cfg: TrainConfig, t: int) -> float:
+    """Linear warm-up; with --spike-at, x100 for 5 steps there (an LR jump: a loss spike)."""
+    factor = min(1.0, (t + 1) / cfg.warmup) if cfg.warmup else 1.0
+    return factor * (100.0 if cfg.spike_at and cfg.spike_at <= t < cfg.spike_at + 5 else 1.0)
+
+
+def on_alert(alert) -> None:
+    """What a job would do on an alert (save a checkpoint, lower the LR); here: say it."""
+    tqdm.write(f"on_alert: {alert.describe()} (a job could checkpoint or lower its LR here)")
+
+
 def main(cfg: TrainConfig) -> str:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -70,15 +85,17 @@ def main(cfg: TrainConfig) -> str:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min(1.0, (t + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(cfg, t))
     run = cfg.run_name or time.strftime("chargpt-%Y%m%d-%H%M%S")
     logdir = os.path.join(cfg.logdir, run)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # the context manager closes the run (events flushed, run.json "finished") on Ctrl-C too
+    alerts = cfg.alerts or cfg.spike_at > 0
     with monitor.watch(model, optimizer, logdir, every=cfg.every, preset=cfg.preset,
-                       pss=cfg.pss or None) as mon:
+                       pss=cfg.pss or None, alerts=alerts or None,
+                       on_alert=on_alert if alerts else None) as mon:
+        mon.log_at(0, **{monitor.schema.TAG_TOTAL_STEPS: cfg.steps})  # the dashboard's ETA
         bar = tqdm(range(cfg.steps), desc=run, unit="step")
         for _ in bar:
             x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)  # (B, T), (B, T)

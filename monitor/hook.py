@@ -18,11 +18,13 @@ steps cost two Python calls and, with PSS on, one fused gradient-norm reduction.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor import safe_io, schema
+from monitor import runstate, safe_io, schema
 from monitor.config import MonitorConfig
 from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_model
+from monitor.flight import make_job_alerts, refuse_distributed
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk import NTKCapture
 from monitor.schema import PSSConfig, layer_tag
@@ -79,7 +82,8 @@ class Monitor:
     """The hook returned by :func:`watch`. Also a context manager; ``close()`` is idempotent."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str,
-                 config: MonitorConfig, pss: PSSConfig | None = None, start_step: int = 0) -> None:
+                 config: MonitorConfig, pss: PSSConfig | None = None, start_step: int = 0,
+                 alerts: Any = None, on_alert: Any = None) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.logdir = os.fspath(logdir)
         self.step = start_step  # optimizer steps so far (from a checkpoint: its step); the running step
@@ -108,9 +112,12 @@ class Monitor:
                                n=config.ntk_probe,
                                max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
+        self._alerts_done = start_step  # steps whose alert rules have run (see _end_step)
+        self._alerting = make_job_alerts(alerts, on_alert, self.layers, config, self._writer.write)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
+        self._at_exit = runstate.close_at_exit(self, Monitor.close)  # a job that never closes
         if config.ntk_at(start_step):
             self._ntk.arm()
 
@@ -138,6 +145,8 @@ class Monitor:
         """Add scalars (``loss=...`` becomes ``train/loss``; other names are used as tags)
         to the record of the last optimizer step. Ignored on steps that are not logged, so
         passing a CUDA tensor costs no synchronisation on those steps."""
+        if self._alerting is not None and not self._closed:
+            self._alerting.log(values)
         record = self._record
         if record is None or self._closed:
             return
@@ -163,26 +172,30 @@ class Monitor:
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: writing values of step %d failed: %s", step, err)
 
-    def close(self) -> None:
+    def close(self, state: str = "finished") -> None:
+        """Write the last record and ``run.json``'s final ``state`` (runstate.py)."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._at_exit)
         for handle in self._hooks:
             handle.remove()
         self._ntk.disarm()
+        self._end_step()
         self._flush_record()
-        self._write_run_file("finished")
+        self._write_run_file(state)
         self._writer.close()
 
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(runstate.ending_state(exc_type, exc))
 
     # ---------------------------------------------------------------- optimizer hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         start = time.perf_counter()
+        self._end_step()
         self._flush_record()  # the previous step's record is complete now
         self._busy += time.perf_counter() - start
         # args holds the optimizer itself first, then step()'s own arguments
@@ -208,7 +221,7 @@ class Monitor:
     def _observe_gradients(self) -> None:
         """Gradients are final and weights not yet updated: PSS, and a logged step's metrics."""
         t = self.step
-        logged = self.config.logs(t)
+        logged = self.config.logs(t) or (self._alerting is not None and self._alerting.dense(t))
         record = StepRecord(t) if logged else None
         if logged and self._cuda is not None:
             # the metrics synchronise anyway; do it before the clock starts, so that the
@@ -230,6 +243,8 @@ class Monitor:
                 if record is not None:
                     self._before = (self._dist.snapshot() if self._dist is not None else
                                     [l.param.detach().clone() for l in self.layers])
+                if self._alerting is not None:
+                    self._alerting.before_update(record)
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: step %d pre-step metrics failed: %s", t, err, exc_info=True)
             if record is not None:
@@ -245,6 +260,9 @@ class Monitor:
             if self._record is not None and self._before is not None:
                 with torch.no_grad():
                     self._update_metrics(self._record)
+            if self._alerting is not None:
+                with torch.no_grad():
+                    self._alerting.after_update(self._record)
             if self.config.ntk_at(self.step):
                 self._ntk.arm()  # capture during the next step's forward and backward
         except Exception as err:
@@ -373,9 +391,20 @@ class Monitor:
             from monitor.pss.distributed import DistributedPSSController
 
             return DistributedPSSController(pss, self.model, self.optimizer, self.logdir,
-                                            named_params=named, kinds=kinds, **self._dist.pss_args())
+                                            named_params=named, kinds=kinds, start_step=self.step,
+                                            **self._dist.pss_args())
         return PSSController(pss, self.model, self.optimizer, self.logdir, named_params=named,
-                             kinds=kinds)
+                             kinds=kinds, start_step=self.step)
+
+    def _end_step(self) -> None:
+        """The last optimizer step is complete: alert rules and the flight recorder."""
+        if self._alerting is None or self.step == self._alerts_done:
+            return
+        self._alerts_done = self.step
+        try:
+            self._record = self._alerting.end_step(self.step - 1, self._record, StepRecord)
+        except Exception as err:  # never let the monitor kill the job
+            log.warning("monitor: alerts of step %d failed: %s", self.step - 1, err, exc_info=True)
 
     def _flush_record(self) -> None:
         record, self._record = self._record, None
@@ -416,7 +445,8 @@ class Monitor:
     def _write_header(self) -> None:
         if self.step > 0:  # resumed from a checkpoint: supersede what a crashed run logged later
             self._writer.write_session_start(self.step)
-        self._writer.write_summary(default_layout(GLOBAL_TAGS), step=self.step)
+        self._writer.write_summary(default_layout(GLOBAL_TAGS, [l.name for l in self.layers]),
+                                   step=self.step)
         header = {schema.TAG_SJE_K_MAX: float(self.config.sje_k_max)}
         text = {schema.TAG_RUN_CONFIG: "```json\n" + json.dumps(self._run_info(), indent=1) + "\n```"}
         self._writer.write(self.step, header, text)
@@ -442,7 +472,8 @@ class Monitor:
         info = {"status": status, "layers": [l.name for l in self.layers],
                 "spectral": [l.name for l in self.layers if l.spectral],
                 "started": getattr(self, "_started", time.time()), "updated": time.time(),
-                "pid": os.getpid(), "step": self.step, **self._run_info()}
+                "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
+                **self._run_info()}
         path = os.path.join(self.logdir, schema.RUN_FILENAME)
         try:  # a fresh temporary name: a FIFO planted at a fixed one would block the job
             safe_io.write_text_atomic(path, json.dumps(info, indent=1), fsync=False, mode=0o644)
@@ -471,7 +502,8 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
-          pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor:
+          pss: PSSConfig | bool | None = None, start_step: int = 0, alerts: Any = None,
+          on_alert: Any = None) -> Monitor:
     """Attach the monitor to ``model`` and ``optimizer``; returns the :class:`Monitor`.
 
     Args:
@@ -484,6 +516,12 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
         start_step: the optimizer step training resumes from (a checkpoint's step), so that
             steps continue the earlier run's and the schedule stays aligned with it; PSS
             detection warms up again (its moving average is not in the checkpoint).
+        alerts: ``True`` (the measured default rules), a list of ``monitor.alerts.AlertRule``
+            or a ``monitor.flight.AlertConfig`` (rules, storm limit, flight recorder):
+            rules checked every step; a firing writes ``alert/<rule>`` and the flight
+            recorder's window (SPEC 8, README "Alerts").
+        on_alert: called with each ``monitor.alerts.Alert`` (save a checkpoint, lower the
+            LR, stop); if it raises, the error is logged and counted and training goes on.
 
     In a ``torch.distributed`` job (DDP, FSDP2) call it on every rank: each rank computes a
     share of the metrics of the whole tensors, rank 0 alone writes; PSS decides once for
@@ -508,6 +546,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     elif pss is not None and not isinstance(pss, PSSConfig):
         raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
     model = unwrap_model(model)
+    refuse_distributed(alerts, rank_and_world_size()[1])
     if logdir is None:
         logdir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step)
+    return Monitor(model, optimizer, os.fspath(logdir), config, pss, start_step, alerts, on_alert)

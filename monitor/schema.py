@@ -49,6 +49,7 @@ TAG_UNSUPPORTED = "health/unsupported"  # text, once per layer: a metric it stru
 TAG_NTK_PROBE = "ntk/probe_size"  # n of the NTK probe (ntk_eig lies in [1, n])
 TAG_SJE_K_MAX = "config/sje_k_max"  # cap on k used by SJE (k = min(max(1, floor(SR)), cap))
 TAG_RUN_CONFIG = "config/monitor"  # text: the monitor configuration as JSON
+TAG_TOTAL_STEPS = "config/total_steps"  # optional, from the job: planned optimizer steps (ETA)
 TAG_MONITOR_SECONDS = "monitor/seconds"  # time in the monitor's own code since the last logged step
 TAG_MONITOR_OVERHEAD = "monitor/overhead"  # that time over the wall time of the same interval
 #: Text values are written with TensorBoard's text plugin, which stores them under
@@ -64,6 +65,17 @@ TAG_PSS_ENABLED = "pss/enabled"
 TAG_PSS_CONTROL_VERSION = "pss/control_version"
 TAG_PSS_CONTROL_TEXT = "pss/control"  # text: applied / rejected control files, with reasons
 TAG_PSS_EVENTS = "pss/events"  # text: each intervention: step, reason, layers, k, sigma, SR
+# Alerts (SPEC 8): ``alert/<rule>`` is 1.0 at a step where the rule fired.
+TAG_ALERT_EVENTS = "alert/events"  # text: each firing: step, rule, layer, value, threshold
+TAG_ALERT_SUPPRESSED = "alert/suppressed"  # firings silenced by the storm limit, so far
+TAG_ALERT_CALLBACK_ERRORS = "alert/callback_errors"  # on_alert calls that raised, so far
+
+
+def alert_tag(rule: str) -> str:
+    """Tag of an alert rule's firings: ``alert/<rule>``."""
+    return f"alert/{rule}"
+
+
 #: Per smoothed layer, at each intervention (``<key>/<parameter name>``).
 PSS_LAYER_METRICS: tuple[str, ...] = (
     "pss_sr_before",
@@ -75,7 +87,10 @@ PSS_LAYER_METRICS: tuple[str, ...] = (
 
 #: Files a run directory may hold besides event files.
 CONTROL_FILENAME = "control.json"
-RUN_FILENAME = "run.json"  # {"status": "running"|"finished", "layers": [...], ...}
+RUN_FILENAME = "run.json"  # {"status": RUN_STATES[i], "layers": [...], "pid": ..., ...}
+PSS_INPUT_FILENAME = "pss_input.bin"  # the PSS detector's input at every step (pss/inputs.py)
+#: ``run.json`` states the job writes: running, then how it ended.
+RUN_STATES: tuple[str, ...] = ("running", "finished", "interrupted", "crashed")
 
 
 def layer_tag(metric: str, layer: str) -> str:

@@ -9,6 +9,7 @@ event per scalar (SPEC 5); ``benchmarks/bench_overhead.py`` measures it again.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 
@@ -43,11 +44,41 @@ def step_event(step: int, scalars: Mapping[str, float], texts: Mapping[str, str]
                  summary=Summary(value=values))
 
 
-def default_layout(global_tags: Iterable[str] = ()) -> Summary:
-    """Custom-scalars layout: each per-layer metric opens as one chart with all layers."""
-    per_layer = {key: ["Multiline", [rf"^{key}/.*"]] for key in METRIC_KEYS}
-    pss = {key: ["Multiline", [rf"^{key}/.*"]] for key in PSS_LAYER_METRICS}
-    layout = {"per-layer metrics": per_layer, "PSS per layer": pss}
+MAX_CHART_LINES = 12  # layers per custom-scalars chart: more is unreadable
+
+
+def layer_groups(layers: Iterable[str], max_lines: int = MAX_CHART_LINES) -> dict[str, list[str]]:
+    """Layers grouped by kind: the name with its block numbers as ``*``
+    (``h.3.attn.c_attn.weight`` -> ``h.*.attn.c_attn.weight``), so one chart compares one
+    kind of layer across depth. Kinds with a single layer share a chart ``other``; a group
+    of more than ``max_lines`` layers is cut into charts ``kind [i]`` of consecutive layers."""
+    kinds: dict[str, list[str]] = {}
+    for name in layers:
+        kinds.setdefault(re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name), []).append(name)
+    merged: dict[str, list[str]] = {}
+    for kind, names in kinds.items():
+        merged.setdefault(kind if len(names) > 1 else "other", []).extend(names)
+    out: dict[str, list[str]] = {}
+    for kind, names in merged.items():
+        chunks = [names[i:i + max_lines] for i in range(0, len(names), max_lines)]
+        for i, chunk in enumerate(chunks):
+            out[kind if len(chunks) == 1 else f"{kind} [{i + 1}]"] = chunk
+    return out
+
+
+def default_layout(global_tags: Iterable[str] = (), layers: Iterable[str] = ()) -> Summary:
+    """Custom-scalars layout: per metric, one chart per kind of layer (``layer_groups``),
+    each with at most MAX_CHART_LINES lines; without ``layers``, one chart per metric
+    holding every layer."""
+    groups = layer_groups(layers)
+    if groups:
+        layout = {key: {f"{key} · {kind}": ["Multiline", [f"^{re.escape(f'{key}/{n}')}$"
+                                                          for n in names]]
+                        for kind, names in groups.items()}
+                  for key in METRIC_KEYS + PSS_LAYER_METRICS}
+    else:
+        layout = {"per-layer metrics": {k: ["Multiline", [rf"^{k}/.*"]] for k in METRIC_KEYS},
+                  "PSS per layer": {k: ["Multiline", [rf"^{k}/.*"]] for k in PSS_LAYER_METRICS}}
     tags = list(global_tags)
     if tags:
         layout["global"] = {tag: ["Multiline", [rf"^{tag}$"]] for tag in tags}

@@ -76,6 +76,7 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
                                                           if world == 2 else []):
             model = fsdp(make_model())
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            os.makedirs(os.path.join(root, name), exist_ok=True)  # as on a shared file system
             with monitor.watch(model, opt, os.path.join(root, name), config=args[0],
                                pss=args[1]) as mon:
                 train(model, opt, mon, rank, world)
@@ -88,6 +89,11 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             with monitor.watch(model, opt, os.path.join(root, name), every=1, preset="cheap") as mon:
                 train(model, opt, mon, rank, world, steps=1, nan=True)
+        try:  # alerts: refused on every rank, before anything is written
+            monitor.watch(make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1),
+                          os.path.join(root, "alerts"), alerts=True)
+        except ValueError as err:
+            out["alerts"] = str(err)
         if world == 2:
             _tensor_parallel(world, root)
             _mixed(root)

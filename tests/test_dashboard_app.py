@@ -67,7 +67,7 @@ def test_every_view_renders_single_and_compared(logdir, monkeypatch):
 
 def test_overview_lists_alerts_with_layer_and_step(logdir, monkeypatch):
     at = open_app(logdir, monkeypatch)
-    alerts = at.dataframe[1].value
+    alerts = at.dataframe[0].value
     rows = set(zip(alerts["kind"], alerts["layer"], alerts["step"]))
     assert ("stable rank collapse", "blocks.0.attn.weight", 200) in rows
     assert ("SJE sustained", "embed.weight", 100) in rows
@@ -186,11 +186,11 @@ def test_refresh_picks_up_new_events(tmp_path, monkeypatch):
     write_run(str(tmp_path / "live"), steps=10, status="running")
     at = open_app(tmp_path, monkeypatch)
     assert at.sidebar.toggle(key="auto").value is True  # a live run turns live refresh on
-    assert at.dataframe[0].value["last step"][0] == 90
+    assert at.table[0].value["last step"].iloc[0] == 90
     write_run(str(tmp_path / "live"), steps=5, start_step=10, status="running")
     at.run()
     assert not at.exception
-    assert at.dataframe[0].value["last step"][0] == 140
+    assert at.table[0].value["last step"].iloc[0] == 140
     show(at, "PSS control")  # live refresh on: the status panel runs as a fragment
     assert [m.label for m in at.metric][:2] == ["control.json version", "acknowledged by the job"]
     assert "live" in texts(at.subheader)
@@ -203,3 +203,122 @@ def test_empty_log_directory_opens_the_first_run_that_appears(tmp_path, monkeypa
     at.run()
     assert at.sidebar.multiselect(key="runs").value == ["new"]
     assert at.get("plotly_chart")
+
+
+# ---------------------------------------------------------------------------------------
+# The defects of issue 13, each reproduced first
+# ---------------------------------------------------------------------------------------
+
+
+def figures(at: AppTest) -> dict[str, dict]:
+    """Plotly figures of the page by title."""
+    import json
+
+    out = {}
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        out[spec["layout"].get("title", {}).get("text", "")] = spec
+    return out
+
+
+def values(array) -> list:
+    """A Plotly JSON array, plain or binary-encoded (``{"dtype", "bdata"}``)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), array["dtype"]).tolist()
+    return list(array)
+
+
+def test_a_run_with_one_logged_point_draws_a_marker(tmp_path, monkeypatch):
+    write_run(str(tmp_path / "young"), steps=1, status="finished")
+    at = open_app(tmp_path, monkeypatch)
+    loss = figures(at)["loss and gradient norm"]["data"][0]
+    assert "markers" in loss["mode"], loss["mode"]
+    show(at, "Layers")
+    lines = figures(at)["stable_rank per layer"]["data"]
+    assert lines and all("markers" in trace["mode"] for trace in lines)
+
+
+def test_a_new_live_run_is_waited_for_not_blamed(tmp_path, monkeypatch):
+    with EventWriter(str(tmp_path / "new")) as writer:  # the hook's header only
+        writer.write(0, {schema.TAG_SJE_K_MAX: 16.0}, {schema.TAG_RUN_CONFIG: "{}"})
+    write_meta_file(str(tmp_path / "new"), ["w"], "running")
+    at = open_app(tmp_path, monkeypatch)
+    assert "logged neither" not in texts(at.info)
+    assert "No loss or gradient norm logged yet" in texts(at.info)
+
+
+def test_what_the_job_said_names_the_step_once(tmp_path, monkeypatch):
+    write_run(str(tmp_path / "run"), steps=5)
+    with EventWriter(str(tmp_path / "run")) as writer:
+        writer.write(245, {}, {schema.TAG_PSS_CONTROL_TEXT:
+                               "step 245: applied control.json version 2: {'tau': 3.0}"})
+    at = show(open_app(tmp_path, monkeypatch), "PSS control")
+    said = texts(at.markdown)
+    assert "**step 245**: applied control.json version 2" in said
+    assert "step 245: step 245" not in said.replace("**", "")
+
+
+def test_learning_rate_heatmaps_one_per_run_labelled(logdir, monkeypatch):
+    at = open_app(logdir, monkeypatch)
+    at.sidebar.multiselect(key="runs").set_value(["pss_on", "pss_off"]).run()
+    show(at, "Learning rates")
+    titles = [t for t in figures(at) if t.startswith("effective learning rate")]
+    assert sorted(titles) == ["effective learning rate: layer x step · run pss_off",
+                              "effective learning rate: layer x step · run pss_on"]
+
+
+def test_live_refresh_follows_the_selection(tmp_path, monkeypatch):
+    write_run(str(tmp_path / "done"), steps=5, status="finished")
+    write_run(str(tmp_path / "live"), steps=5, status="running")
+    age(tmp_path / "live", 30)  # still live (pid alive), but not the newest
+    at = open_app(tmp_path, monkeypatch)
+    assert at.sidebar.multiselect(key="runs").value == ["done"]
+    assert at.sidebar.toggle(key="auto").value is False
+    at.sidebar.multiselect(key="runs").set_value(["live"]).run()
+    assert at.sidebar.toggle(key="auto").value is True
+    at.sidebar.toggle(key="auto").set_value(False).run()  # the user's choice then holds
+    at.run()
+    assert at.sidebar.toggle(key="auto").value is False
+
+
+def test_run_states_interrupted_crashed_and_stale(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    for name, state in (("ctrl_c", "interrupted"), ("boom", "crashed"), ("killed", "running")):
+        write_run(str(tmp_path / name), steps=5, status=state)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    meta_path = tmp_path / "killed" / schema.RUN_FILENAME
+    meta = json.loads(meta_path.read_text())
+    meta.update(pid=dead.pid, host=__import__("socket").gethostname())
+    meta_path.write_text(json.dumps(meta))
+    at = open_app(tmp_path, monkeypatch)
+    at.sidebar.multiselect(key="runs").set_value(["ctrl_c", "boom", "killed"]).run()
+    table = at.table[0].value
+    assert dict(zip(table.index, table["state"])) == {
+        "ctrl_c": "interrupted", "boom": "crashed", "killed": "stale"}
+
+
+def test_whatif_preview_finds_the_jobs_interventions_on_its_settings(tmp_path, monkeypatch):
+    """A real job logging every 10 steps, spiking between logged steps: on the job's own
+    settings the preview triggers exactly where the job intervened."""
+    from tests.test_pss_inputs import train
+
+    config = schema.PSSConfig(warmup_steps=5, method="clip")
+    mon = train(str(tmp_path / "job"), 60, config, spikes=[(23, 4.0), (47, 6.0)])
+    job = mon.pss.interventions
+    assert job and all(s % 10 for s in job)
+    at = show(open_app(tmp_path, monkeypatch), "PSS control")
+    caption = texts(at.caption)
+    assert f"{len(job)} of 60 steps would trigger" in caption, caption
+    whatif = next(f for t, f in figures(at).items() if t.startswith("what-if"))
+    trig = next(d for d in whatif["data"] if d["name"] == "would trigger")
+    assert values(trig["x"]) == job
+    at.number_input(key="pss:job:warmup").set_value(30).run()  # step 23 is now in warm-up
+    assert "1 of 60 steps would trigger" in texts(at.caption)

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from dashboard import alerts, charts, data
+from dashboard import alerts, charts, data, whatif
 from monitor import schema
 from tests.dashboard_fixtures import layer_names, write_run
 
@@ -156,7 +156,7 @@ def test_whatif_replay_is_the_jobs_detector(config):
     grads[150] = math.inf
     grads[160] = math.nan
     steps = np.arange(200)
-    ratios, hits = charts.whatif_replay(steps, grads, config)
+    ratios, hits = whatif.whatif_replay(steps, grads, config)
     want_ratios, want_hits = job_detector_on(grads, config)
     np.testing.assert_array_equal(hits, want_hits)
     np.testing.assert_allclose(ratios, want_ratios, rtol=0, atol=0)
@@ -167,17 +167,17 @@ def test_whatif_replay_is_the_jobs_detector(config):
 def test_whatif_replay_warm_up_follows_logged_step_numbers():
     steps = np.array([0, 50, 100, 150, 200])
     grads = np.array([1.0, 1.0, 5.0, 1.0, 5.0])
-    _, hits = charts.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=120))
+    _, hits = whatif.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=120))
     assert hits.tolist() == [False, False, False, False, True]
-    _, hits = charts.whatif_replay(steps[:0], grads[:0], schema.PSSConfig())
+    _, hits = whatif.whatif_replay(steps[:0], grads[:0], schema.PSSConfig())
     assert hits.shape == (0,)
 
 
 def test_whatif_figure():
     steps = np.arange(10) * 10
-    fig = charts.whatif_figure(steps, np.ones(10), np.arange(10) == 3, np.array([30]))
+    fig = whatif.whatif_figure(steps, np.ones(10), np.arange(10) == 3, np.array([30]))
     assert [t.name for t in fig.data] == ["global gradient norm", "would trigger",
-                                          "logged intervention"]
+                                          "the job intervened"]
     assert list(fig.data[1].x) == [30]
 
 
@@ -196,3 +196,85 @@ def test_monitor_overhead_alert_uses_the_median_after_the_first_log():
     assert list(found["kind"]) == ["monitor overhead"] and list(found["step"]) == [20]
     assert "median 30%" in found.iloc[0]["detail"] and "max 40%" in found.iloc[0]["detail"]
     assert overhead([0.01, 0.3, 0.4], overhead_limit=0.5).empty
+
+
+# ---------------------------------------------------------------------------------------
+# Reading aids (dashboard.transforms)
+# ---------------------------------------------------------------------------------------
+
+
+def test_ema_smooth_is_tensorboards_debiased_ema():
+    from dashboard import transforms
+
+    y = np.array([1.0, 3.0, np.nan, 2.0])
+    w = 0.6
+    s1 = (1 - w) * 1.0
+    s2 = w * s1 + (1 - w) * 3.0
+    s3 = w * s2 + (1 - w) * 2.0
+    expected = [s1 / (1 - w), s2 / (1 - w ** 2), np.nan, s3 / (1 - w ** 3)]
+    np.testing.assert_allclose(transforms.ema_smooth(y, w), expected)
+    np.testing.assert_array_equal(transforms.ema_smooth(y[:2], 0.0), y[:2])
+
+
+def test_relative_heatmap_rows_show_change_whatever_the_start():
+    from dashboard import transforms
+
+    z = np.array([[50.0, 40.0, 5.0], [np.nan, 2.0, 1.0]])
+    first = transforms.relative_rows(z, transforms.HEAT_SCALES[1])
+    np.testing.assert_allclose(first, [[1.0, 0.8, 0.1], [np.nan, 1.0, 0.5]])
+    median = transforms.relative_rows(z, transforms.HEAT_SCALES[2])
+    np.testing.assert_allclose(median, [[1.25, 1.0, 0.125], [np.nan, 2 / 1.5, 1 / 1.5]])
+    np.testing.assert_array_equal(transforms.relative_rows(z, "value"), z)
+
+
+def test_default_lines_are_alerted_then_most_moved_layers():
+    from dashboard import transforms
+
+    rows = [("r", s, "stable_rank", name, v) for s, vals in ((0, (10, 10, 10)), (10, (10, 1, 9)))
+            for name, v in zip(("a", "b", "c"), vals)]
+    moved = list(transforms.movement(tidy(rows), "stable_rank").index)
+    assert moved[:2] == ["b", "c"]
+    assert transforms.default_lines(["c"], moved, ["a", "b", "c"], n=2) == ["c", "b"]
+
+
+def test_pss_event_rows_parse_the_controllers_text():
+    from dashboard import transforms
+
+    text = ("step 236: intervention (trigger ratio 2.82 > tau 2.5); method conv; 2 layer(s) in 14 ms\n"
+            "- h.0.attn.weight: k=8, sigma 3.21 -> 2.9, SR 8.5 -> 9.3\n"
+            "- h.1.mlp.weight: not smoothed (SVD failed)")
+    texts = pd.DataFrame({"run": ["r"], "step": [236], "wall_time": [0.0],
+                          "tag": [schema.TAG_PSS_EVENTS], "text": [text]})
+    rows = transforms.pss_event_rows(texts, schema.TAG_PSS_EVENTS)
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert (row["step"], row["reason"], row["method"], row["layer"], row["k"]) == (
+        236, "trigger ratio 2.82 > tau 2.5", "conv", "h.0.attn.weight", 8)
+    assert (row["sigma before"], row["sigma after"], row["SR before"], row["SR after"]) == (
+        3.21, 2.9, 8.5, 9.3)
+    assert transforms.strip_step("step 245: applied version 2") == "applied version 2"
+
+
+def test_speed_and_eta():
+    from dashboard import transforms
+
+    rate, eta = transforms.speed(np.array([0, 10, 20]), np.array([100.0, 105.0, 110.0]), 220)
+    assert rate == 2.0 and eta == 100.0
+    assert transforms.speed(np.array([5]), np.array([1.0])) == (None, None)
+
+
+def test_log_axis_and_one_point_lines():
+    fig = charts.lines_figure(tidy([("r", 0, "grad_norm", "a", 0.5)]), "grad_norm", ["a"],
+                              log=True)
+    assert fig.data[0].mode == "lines+markers"
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.tickformat == "~g"
+
+
+def test_x_axis_wall_and_relative_time():
+    rows = [("r", s, "grad_norm", "a", 1.0) for s in range(3)]
+    table = tidy(rows)
+    table["wall_time"] = [3600.0, 7200.0, 10800.0]
+    x, _ = charts.xy(table, "grad_norm", "a", style=charts.Style(x="relative time (h)"))
+    np.testing.assert_allclose(x, [0.0, 1.0, 2.0])
+    x, _ = charts.xy(table, "grad_norm", "a", style=charts.Style(x="wall time"))
+    assert str(x.dtype).startswith("datetime64")

@@ -108,7 +108,7 @@ def test_whatif_preview_reproduces_the_jobs_logged_ratios(real_logdir):
     """Logged every step, the preview's replay equals what the job's detector computed."""
     import numpy as np
 
-    from dashboard import charts, data
+    from dashboard import charts, data, whatif
 
     logdir, _ = real_logdir
     reader = data.RunReader(str(logdir / "pss_on"))
@@ -117,7 +117,7 @@ def test_whatif_preview_reproduces_the_jobs_logged_ratios(real_logdir):
     steps, grads = charts.series(table, schema.TAG_GLOBAL_GRAD_NORM)
     logged_steps, logged_ratios = charts.series(table, schema.TAG_PSS_TRIGGER_RATIO)
     assert len(steps) == 12 and np.array_equal(steps, logged_steps)
-    ratios, hits = charts.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=2))
+    ratios, hits = whatif.whatif_replay(steps, grads, schema.PSSConfig(warmup_steps=2))
     np.testing.assert_allclose(ratios, logged_ratios, rtol=1e-6)
     _, interventions = charts.series(table, schema.TAG_PSS_INTERVENTION)
     assert np.array_equal(hits, interventions == 1)

@@ -26,6 +26,7 @@ import monitor.pss.distributed  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from monitor import schema
 from monitor.distributed import assign_owners, chunk_rows
+from monitor.pss.inputs import read_inputs
 from tests import dist_workers as W
 from tests.helpers import read_scalars, read_texts
 
@@ -112,6 +113,15 @@ def _check_world(world: int, tmp_path, monkeypatch) -> dict:
             expected = rows[r] if r < len(rows) else p[:0]
             assert shards[name].shape[0] == chunk_rows(p.shape[0], world, r)
             torch.testing.assert_close(shards[name], expected.detach(), rtol=1e-5, atol=1e-6)
+    # the detector's input (pss_input.bin): rank 0's alone, equal to the single process's
+    got, expected = read_inputs(str(tmp_path / "fsdp")), read_inputs(str(tmp_path / "ref0"))
+    assert len(got) == 1 and got[0].steps == expected[0].steps == list(range(W.STEPS))
+    assert got[0].settings == expected[0].settings
+    for value, ref_value in zip(got[0].values, expected[0].values):
+        assert math.isclose(value, ref_value, rel_tol=NORM_RTOL)
+    # alerts: refused with the fix on every rank, nothing written
+    assert all("alerts are not supported in a torch.distributed job" in o["alerts"] for o in out)
+    assert not (tmp_path / "alerts").exists()
     # a NaN in the last rank's local batch: counted as one process counts it
     _reference(tmp_path, "ref-nan", (0, 1), steps=1, nan=True,
                preset_args=(W.monitor_args()[0].preset("cheap", every=1), None))

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from monitor.lr import (UntraceableModelError, arch_aware_init_, kernel_size, lr_scale,
+from monitor.lr import (NoPathError, UntraceableModelError, arch_aware_init_, kernel_size, lr_scale,
                         path_cube_sum, path_moments, trace_layers)
 from monitor.lr.arch_scaling import INPUT, OUTPUT
 
@@ -268,3 +268,155 @@ def test_untraceable_model_names_the_module():
 def test_input_node_is_named():
     dag = trace_layers(chain(2))
     assert dag.edges == {(INPUT, "0"): 1, ("0", "2"): 1, ("2", OUTPUT): 1}
+
+
+# ------------------------------------------------------------------ zero edges (NAS-201 "none")
+class Zero(nn.Module):
+    """The official NAS-201 ``Zero`` op (same channels, stride 1): ``x.mul(0.)``."""
+
+    def forward(self, x):
+        return x.mul(0.)
+
+
+class Cell201(nn.Module):
+    """A NAS-Bench-201 cell between a conv stem and a linear classifier. ``genotype`` like
+    ``"3_00_003"``: node k (1..3) sums op(node j) for j < k; ops 0 none, 1 skip,
+    2 conv 1x1, 3 conv 3x3, 4 avg-pool 3x3 (as in the official ``arch_code_201``)."""
+
+    def __init__(self, genotype, zero=Zero, c=4):
+        super().__init__()
+        self.codes = [[int(ch) for ch in node] for node in genotype.split("_")]
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+
+        def op(code):
+            if code in (2, 3):
+                return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 2 * code - 3, padding=code - 2),
+                                     nn.BatchNorm2d(c))
+            return {0: zero, 1: nn.Identity, 4: lambda: nn.AvgPool2d(3, 1, 1)}[code]()
+
+        self.ops = nn.ModuleList(nn.ModuleList(op(code) for code in node) for node in self.codes)
+        self.fc = nn.Linear(c, 2)
+
+    def forward(self, x):
+        nodes = [self.stem(x)]
+        for ops in self.ops:
+            nodes.append(sum(f(nodes[j]) for j, f in enumerate(ops)))
+        return self.fc(nodes[-1].mean((2, 3)))
+
+
+def genotype_paths(genotype):
+    """Layer counts of every input-output path, enumerated on the genotype itself as the
+    official ``dag_utils.find_all_paths`` does (none edges skipped), plus stem and fc."""
+    codes = [[int(ch) for ch in node] for node in genotype.split("_")]
+    lengths = []
+
+    def walk(node, n):
+        if node == len(codes):
+            lengths.append(n + 2)
+            return
+        for k in range(node + 1, len(codes) + 1):
+            code = codes[k - 1][node]
+            if code:
+                walk(k, n + (code in (2, 3)))
+
+    walk(0, 0)
+    return lengths
+
+
+class ZeroMul(nn.Module):
+    def forward(self, x):
+        return x * 0
+
+
+class ZerosLike(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("zero", [Zero, ZeroMul, ZerosLike])
+def test_zero_branch_is_no_edge(zero):
+    """A toy chain of three layers whose middle one is bypassed by a zero branch: the
+    bypass is no path, S = 3^3 = 27 (it was 27 + 2^3 = 35)."""
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.z = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2), zero()
+
+        def forward(self, x):
+            h = self.a(x).relu()
+            return self.c((self.b(h) + self.z(h)).relu())
+
+    assert path_cube_sum(Toy()) == 27
+    dag = trace_layers(Toy())
+    assert dag.in_degree["b"] == 1  # the zero branch is no branch of the sum
+
+
+def test_cell_without_path_is_rejected():
+    with pytest.raises(NoPathError, match="no input-to-output path"):
+        path_cube_sum(Cell201("3_00_003"))
+    with pytest.raises(NoPathError):
+        arch_aware_init_(Cell201("0_00_000"))
+    with pytest.raises(ValueError, match="no input-to-output path"):
+        lr_scale(Cell201("1_01_001"), Cell201("3_00_003", zero=ZeroMul))
+
+
+def test_nas201_cells_match_genotype_enumeration():
+    """S of traced NAS-201 cells (zero edges written three ways) equals the sum over the
+    genotype's own path list; in-degrees count only non-zero edges."""
+    rng = random.Random(0)
+    genotypes = ["3_33_333", "1_01_001", "2_02_002", "3_01_310", "0_30_013", "4_14_240"]
+    genotypes += ["_".join("".join(str(rng.randrange(5)) for _ in range(k)) for k in (1, 2, 3))
+                  for _ in range(25)]
+    checked = 0
+    for g in genotypes:
+        lengths = genotype_paths(g)
+        zero = (Zero, ZeroMul, ZerosLike)[checked % 3]
+        if not lengths:
+            with pytest.raises(NoPathError):
+                path_cube_sum(Cell201(g, zero=zero))
+            continue
+        assert path_cube_sum(Cell201(g, zero=zero)) == sum(L ** 3 for L in lengths), g
+        checked += 1
+    assert checked >= 15
+    dag = trace_layers(Cell201("3_30_033"))
+    # node 3 sums conv(node 1) + conv(node 2) + a zero edge: in-degree 2, not 3
+    assert dag.in_degree["ops.2.1.1"] == 2 and dag.in_degree["ops.2.2.1"] == 2
+
+
+def test_depth_offset_counts_official_depth():
+    """depth_offset=1 sums (L + 1)^3, the official MLP/CNN count (edges + 3)."""
+    lengths = genotype_paths("3_33_333")
+    assert path_cube_sum(Cell201("3_33_333"), depth_offset=1) == sum((L + 1) ** 3 for L in lengths)
+    assert lr_scale(chain(2), chain(4), depth_offset=1) == pytest.approx((125 / 27) ** -0.5)
+
+
+def test_identity_skip_stack_grows_as_documented():
+    """arch_aware_init_ on x + W2 relu(W1 x) blocks: E[z^2] grows about 1.5x per block
+    (the documented limitation), not constant."""
+    class PreAct(nn.Module):
+        def __init__(self, width=512):
+            super().__init__()
+            self.inp = nn.Linear(4, width)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(width, width))
+                                        for _ in range(8))
+            self.out = nn.Linear(width, 3)
+
+        def forward(self, x):
+            x = self.inp(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.out(x)
+
+    torch.manual_seed(0)
+    model = PreAct()
+    dag = arch_aware_init_(model)
+    assert dag.in_degree["blocks.0.1"] == 2
+    with torch.no_grad():
+        z = model.inp(torch.randn(4096, 4))
+        moments = [z.pow(2).mean().item()]
+        for block in model.blocks:
+            z = z + block(z)
+            moments.append(z.pow(2).mean().item())
+    ratios = [b / a for a, b in zip(moments, moments[1:])]
+    assert all(1.3 < r < 1.7 for r in ratios), ratios

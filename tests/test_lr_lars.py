@@ -14,6 +14,9 @@ from monitor.config import MonitorConfig
 from monitor.lr import LAMB, LARS, TVLARS, tvlars_factor, warmup_cosine, warmup_cosine_factor
 from tests.helpers import read_scalars
 
+# the formula tests use short plateaus on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:TVLARS.*no high plateau:UserWarning")
+
 
 def two_tensors():
     """A 2-D weight (adapted) and a 1-D bias (excluded by default), with gradients."""
@@ -64,7 +67,7 @@ def test_lars_and_tvlars_steps_match_the_formula(cls):
     else:
         opt = TVLARS([w, b], lr=lr, momentum=mu, weight_decay=wd, eta=eta, **tv)
         factors = [1 / (tv["alpha"] + math.exp(tv["lam"] * (t - tv["delay"]))) + tv["gamma_min"]
-                   for t in range(3)]
+                   for t in (1, 2, 3)]  # t = 1 on the first step
     gw, gb = [], []
     for t in range(3):
         set_grads([w, b], seed=t)
@@ -161,7 +164,7 @@ def test_tvlars_factor_curve():
 def test_tvlars_stores_the_factor_in_the_trust_ratio():
     w = nn.Parameter(torch.randn(5, 5))
     opt = TVLARS([w], lr=1.0, momentum=0.0, eta=0.01, alpha=2.0, lam=0.5, delay=2, gamma_min=0.1)
-    for t in range(4):
+    for t in (1, 2, 3, 4):
         w.grad = torch.randn(5, 5)
         expected = 0.01 * norm(w.detach()) / norm(w.grad) * tvlars_factor(t, 2.0, 0.5, 2, 0.1)
         opt.step()
@@ -192,13 +195,14 @@ def test_warmup_cosine_schedule():
                                          ({"alpha": 0.0}, "alpha"), ({"lam": -0.1}, "lam")])
 def test_bad_arguments_are_named(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
-        TVLARS([nn.Parameter(torch.randn(2, 2))], **kwargs)
+        TVLARS([nn.Parameter(torch.randn(2, 2))], **{"delay": 10, **kwargs})
 
 
 def test_monitor_logs_group_lr_times_applied_trust_ratio(tmp_path):
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = TVLARS(model.parameters(), lr=0.8, momentum=0.9, weight_decay=1e-3, eta=0.05,
-                 alpha=0.5, lam=0.3, delay=1.0, gamma_min=0.02)
+    with pytest.warns(UserWarning, match="no high plateau"):  # a short plateau, on purpose
+        opt = TVLARS(model.parameters(), lr=0.8, momentum=0.9, weight_decay=1e-3, eta=0.05,
+                     alpha=0.5, lam=0.3, delay=1.0, gamma_min=0.02)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     mon = monitor.watch(model, opt, logdir=str(tmp_path), config=MonitorConfig.preset("cheap", every=1))
     expected_lr: dict[str, dict[int, float]] = {}
@@ -213,7 +217,7 @@ def test_monitor_logs_group_lr_times_applied_trust_ratio(tmp_path):
                 ratio, d = 1.0, g
             else:
                 d = g + 1e-3 * w
-                ratio = 0.05 * norm(w) / norm(d) * tvlars_factor(step, 0.5, 0.3, 1.0, 0.02)
+                ratio = 0.05 * norm(w) / norm(d) * tvlars_factor(step + 1, 0.5, 0.3, 1.0, 0.02)
             expected_lr.setdefault(name, {})[step] = lr * ratio
             if step == 0:  # empty momentum buffer: the update is lr * ratio * d
                 expected_eff[name] = lr * ratio * norm(d) / norm(g)
@@ -229,3 +233,47 @@ def test_monitor_logs_group_lr_times_applied_trust_ratio(tmp_path):
         assert scalars[f"lr_effective/{name}"][0] == pytest.approx(expected_eff[name], rel=1e-3)
     # the weights' rates differ from the plain group lr (the test could not pass by accident)
     assert scalars["lr/0.weight"][0] != pytest.approx(0.8, rel=1e-2)
+
+
+def test_tvlars_defaults_give_plateau_then_decay():
+    """With only ``delay`` given, phi starts on the plateau 1/alpha + gamma_min (it started at
+    0.5 with the old ``delay=0`` default) and ends at gamma_min = 0.001."""
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = TVLARS([w], lr=1.0, momentum=0.0, eta=1.0, delay=100)
+    group = opt.param_groups[0]
+    assert group["lam"] == pytest.approx(0.1) and group["gamma_min"] == pytest.approx(1e-3)
+    factors = []
+    for _ in range(300):
+        w.grad = torch.randn(4, 4)
+        ratio = norm(w.detach()) / norm(w.grad)
+        opt.step()
+        factors.append(opt.state[w]["trust_ratio"] / ratio)
+    assert factors[0] == pytest.approx(1.001, rel=1e-3)
+    assert factors[49] > 0.99 and factors[99] == pytest.approx(0.501, rel=1e-2)
+    assert factors[-1] == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(TypeError, match="delay"):
+        TVLARS([w], lr=1.0)
+    with pytest.warns(UserWarning, match="no high plateau"):
+        TVLARS([w], lr=1.0, delay=0.0, lam=1e-3)
+
+
+def test_tvlars_step_is_one_global_counter_from_one():
+    """t counts optimizer steps (1 on the first), not a tensor's own updates: a tensor
+    without a gradient on the first two steps gets phi_3 on its first update; the counter
+    survives a state_dict round trip."""
+    a, b = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3, 3))
+    tv = dict(alpha=1.0, lam=0.5, delay=2.0, gamma_min=0.0)
+    opt = TVLARS([a, b], lr=1.0, momentum=0.0, eta=1.0, **tv)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(3, 3), None
+        opt.step()
+    a.grad, b.grad = torch.randn(3, 3), torch.randn(3, 3)
+    expected = norm(b.detach()) / norm(b.grad) * tvlars_factor(3, **tv)
+    opt.step()
+    assert opt.state[b]["trust_ratio"] == pytest.approx(expected, rel=1e-6)
+    again = TVLARS([a, b], lr=1.0, momentum=0.0, eta=1.0, **tv)
+    again.load_state_dict(opt.state_dict())
+    b.grad = torch.randn(3, 3)
+    expected = norm(b.detach()) / norm(b.grad) * tvlars_factor(4, **tv)
+    again.step()
+    assert again.state[b]["trust_ratio"] == pytest.approx(expected, rel=1e-6)

@@ -105,3 +105,20 @@ def test_monitor_logs_lr_times_multiplier(tmp_path):
     scalars = read_scalars(str(tmp_path))
     for name, m in mult.items():
         assert scalars[f"lr/{name}"] == pytest.approx({0: 0.05 * m, 1: 0.05 * m, 2: 0.05 * m})
+
+
+def test_normalize_over_a_subset():
+    """The mean is 1 over the named tensors (e.g. weights only); the others keep their ratio
+    to them; unknown or empty names are an error that says what to pass."""
+    G = {"0.weight": 0.04, "0.bias": 0.25, "2.weight": 0.01, "2.bias": 1.0}
+    weights = ["0.weight", "2.weight"]
+    m = lw_init_multipliers(G, normalize_over=weights)
+    assert (m["0.weight"] + m["2.weight"]) / 2 == pytest.approx(1.0)
+    assert m["0.weight"] == pytest.approx(5 / 7.5) and m["2.bias"] == pytest.approx(1 / 7.5)
+    every = lw_init_multipliers(G)
+    assert sum(every.values()) / 4 == pytest.approx(1.0)
+    assert {n: every[n] / m[n] for n in G} == pytest.approx({n: 7.5 / 4.5 for n in G})
+    with pytest.raises(ValueError, match="not measured"):
+        lw_init_multipliers(G, normalize_over=["1.weight"])
+    with pytest.raises(ValueError, match="empty"):
+        lw_init_multipliers(G, normalize_over=[])

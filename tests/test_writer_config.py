@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from monitor import schema
@@ -37,6 +39,31 @@ def test_layout_has_one_chart_per_metric_with_all_layers():
     for key in schema.METRIC_KEYS:
         assert charts[key] == [rf"^{key}/.*"]
     assert charts[schema.TAG_LOSS] == [rf"^{schema.TAG_LOSS}$"]
+
+
+def test_layout_groups_layers_by_kind_with_few_lines_per_chart():
+    """A 12-block GPT-2: one chart per metric and kind of layer, <= 12 lines each (it was
+    one chart of all 50 layers per metric)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    kinds = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    names = ["transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"] + [
+        f"transformer.h.{i}.{k}" for i in range(12) for k in kinds]
+    summary = default_layout([schema.TAG_LOSS], names)
+    layout = layout_pb2.Layout.FromString(summary.value[0].tensor.string_val[0])
+    by_cat = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart}
+              for cat in layout.category}
+    charts = by_cat["stable_rank"]
+    assert set(charts) == {f"stable_rank · transformer.h.*.{k}" for k in kinds} | {
+        "stable_rank · other"}
+    assert all(len(tags) <= 12 for cat in by_cat.values() for tags in cat.values())
+    tags = charts["stable_rank · transformer.h.*.mlp.c_fc.weight"]
+    assert [t for t in tags if re.search(t, "stable_rank/transformer.h.3.mlp.c_fc.weight")]
+    assert not [t for t in tags if re.search(t, "stable_rank/transformer.h.3.mlp.c_proj.weight")]
+    for name in names:  # every layer is in exactly one chart per metric
+        holding = [title for title, tags in by_cat["sje"].items()
+                   if any(re.search(t, f"sje/{name}") for t in tags)]
+        assert len(holding) == 1, (name, holding)
 
 
 def test_config_presets_and_validation():

@@ -27,6 +27,7 @@ _LAZY = {
     "warmup_cosine_factor": "monitor.lr.lars",
     "LayerDAG": "monitor.lr.arch_scaling",
     "UntraceableModelError": "monitor.lr.arch_scaling",
+    "NoPathError": "monitor.lr.arch_scaling",
     "trace_layers": "monitor.lr.arch_scaling",
     "path_moments": "monitor.lr.arch_scaling",
     "path_cube_sum": "monitor.lr.arch_scaling",

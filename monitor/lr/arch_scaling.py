@@ -19,6 +19,24 @@ operation with several tensor inputs (``+``, ``torch.cat``, ...) merges them, so
 connection ``x + f(x)`` doubles the paths. Shape queries (``x.size()``, ``x.shape``, ...)
 carry no paths. A tensor used twice by one operation counts once.
 
+A *zero operation* is no edge (the "none" op of NAS-Bench-201 cells): a product with a
+literal 0 (``x.mul(0.)``, ``x * 0``, ``torch.mul(x, 0)``, the official ``Zero`` module's
+forward), ``x.zero_()``, and any creation op that reads only its input's shape
+(``torch.zeros_like``, ``x.new_zeros``, ``torch.ones_like``, ...) carry no paths, as in the
+official code (``dag_utils.find_all_paths`` skips "none" edges). A layer fed only by zero
+operations is no layer of any path, and a model left with no input-to-output path raises
+:class:`NoPathError` (the official code rejects such cells, e.g. NAS-201 ``3_00_003``).
+
+How depth is counted. ``L_p`` is the number of parameterised layers on path ``p``: stem,
+cell edges and readout alike (``edges + 2`` for the official MLP/CNN cells). The official
+code counts differently: its MLP/CNN runs use ``edges + 3`` (our ``L + 1``: ``DEPTHS_BASE =
+[3]`` added to the cell's edge count) and its NAS-201 runs ``1 + parameterised edges``
+(stem and classifier not counted). We keep the paper's definition (layers on the path);
+``depth_offset=c`` sums ``(L_p + c)^3`` instead, so ``depth_offset=1`` gives the official
+MLP/CNN count. On plain chains trained with the paper's protocol the fitted slope of log
+best lr against log predicted scale is 0.90 with our count and 1.10 with ``L + 1``
+(``benchmarks/results/lr_papers.md``): neither count is clearly the better one there.
+
 How ``q`` is read. ``q`` is the largest spatial kernel side over the model's convolutions
 (3 for a 3x3 kernel, 5 for 5x5; the largest side of a non-square kernel), 1 without
 convolutions. The paper's derivation assumes one kernel size throughout; with mixed sizes
@@ -36,7 +54,14 @@ of branches of that sum, skip connections included; 1 without a sum, and 1 when 
 output also feeds other operations, since it is then a node of its own), readout weights
 (layers whose output reaches the model's output with no layer in between)
 ``N(0, 1 / fan_in^2)`` as in muP, biases zero. The paper gives one global learning rate,
-not a per-layer one.
+not a per-layer one. Zero branches do not count in ``d_in``.
+
+The init keeps the second moment of each *cell node* constant when every branch into it is
+a parameterised layer. An identity skip is a branch too (``d_in = 2`` for ``x + f(x)``) but
+is not rescaled, so in a residual stack ``x + f(x)`` with ``f = Linear(ReLU(.))`` the second
+moment grows by ``1 + 2/(2*2) = 1.5`` per block (measured ``E[z^2]`` 2.0 -> 48.9 over 8 blocks);
+the paper's derivation covers cells whose skips are summed with parameterised branches,
+not deep stacks of identity skips.
 """
 
 from __future__ import annotations
@@ -52,7 +77,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerDAG", "UntraceableModelError", "trace_layers", "path_moments",
+__all__ = ["LayerDAG", "UntraceableModelError", "NoPathError", "trace_layers", "path_moments",
            "path_cube_sum", "kernel_size", "lr_scale", "arch_aware_init_", "INPUT", "OUTPUT"]
 
 INPUT, OUTPUT = "<input>", "<output>"
@@ -62,12 +87,22 @@ _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "stride", "t
                   "get_device", "is_contiguous"}
 _ADDS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_MULS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+# creation ops that read only their input's shape/dtype/device: no data flows through them
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                   torch.rand_like, torch.randn_like, torch.randint_like}
+_NEW_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zero_"}
 
 Moments = tuple[int, int, int, int]  # (N, sum L, sum L^2, sum L^3) over paths
 
 
 class UntraceableModelError(RuntimeError):
     """The model cannot be traced by ``torch.fx``; the message names the failing module."""
+
+
+class NoPathError(ValueError):
+    """No input-to-output path survives (every route passes a zero operation)."""
 
 
 @dataclass
@@ -181,6 +216,19 @@ def _is_shape(node: fx.Node, shape: set[fx.Node]) -> bool:
             and all(i in shape for i in inputs))
 
 
+def _is_zero(node: fx.Node) -> bool:
+    """A zero operation: its output carries no paths whatever its inputs (see the module
+    docstring): a product with a literal 0, ``zero_()``, or a ``*_like``/``new_*`` creation."""
+    if node.op == "call_function" and node.target in _LIKE_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in _NEW_METHODS:
+        return True
+    is_mul = ((node.op == "call_function" and node.target in _MULS)
+              or (node.op == "call_method" and node.target in _MUL_METHODS))
+    return is_mul and any(type(a) in (int, float) and a == 0
+                          for a in (*node.args, *node.kwargs.values()))
+
+
 def _is_add(node: fx.Node) -> bool:
     return ((node.op == "call_function" and node.target in _ADDS)
             or (node.op == "call_method" and node.target in _ADD_METHODS))
@@ -219,8 +267,8 @@ def trace_layers(model: nn.Module, layer_types: Sequence[type[nn.Module]] | None
         if node.op == "placeholder":
             reach[node] = Counter({INPUT: 1})
             continue
-        if _is_shape(node, shape):
-            shape.add(node)
+        if _is_shape(node, shape) or _is_zero(node):
+            shape.add(node)  # carries no paths
             continue
         incoming: Counter = Counter()
         for i in dict.fromkeys(node.all_input_nodes):  # distinct inputs, in order
@@ -242,27 +290,36 @@ def trace_layers(model: nn.Module, layer_types: Sequence[type[nn.Module]] | None
         dag.layers.append(name)
         for src, mult in incoming.items():
             dag.edges[(src, name)] = mult
-        reach[node] = Counter({name: 1})
+        if incoming:  # a layer fed only by zero operations starts no path
+            reach[node] = Counter({name: 1})
         if weight is not None:
             dag.weights[name] = weight
             dag.fan_in[name] = int(weight[0].numel())
             dag.kernel[name] = max(weight.shape[2:], default=1)
-    dag.in_degree = {name: _sum_in_degree(node, shape, set(node_layer))
+    if path_moments(dag.nodes, dag.predecessors(), set(dag.layers))[OUTPUT][0] == 0:
+        raise NoPathError(
+            f"{type(model).__name__} has no input-to-output path: every route to the output "
+            "passes a zero operation (x.mul(0), a Zero module, zeros_like, ...), so the "
+            "path sum is empty and no learning rate can be scaled from it. The official code "
+            "rejects such cells too (e.g. NAS-201 '3_00_003'); leave this architecture out.")
+    dag.in_degree = {name: _sum_in_degree(node, set(reach), set(node_layer))
                      for node, name in node_layer.items()}
     return dag
 
 
-def _add_leaves(node: fx.Node, shape: set[fx.Node]) -> int:
-    """Number of tensor branches summed by the addition tree rooted at ``node``."""
+def _add_leaves(node: fx.Node, live: set[fx.Node]) -> int:
+    """Number of branches carrying paths (``live``) summed by the addition tree rooted at
+    ``node``: zero branches, constants and parameters added in (biases) do not count."""
     total = 0
     for i in dict.fromkeys(node.all_input_nodes):
-        if i in shape:
-            continue
-        total += _add_leaves(i, shape) if _is_add(i) and len(i.users) == 1 else 1
+        if _is_add(i) and len(i.users) == 1:
+            total += _add_leaves(i, live)
+        elif i in live:
+            total += 1
     return total
 
 
-def _sum_in_degree(node: fx.Node, shape: set[fx.Node], layer_nodes: set[fx.Node]) -> int:
+def _sum_in_degree(node: fx.Node, live: set[fx.Node], layer_nodes: set[fx.Node]) -> int:
     """In-degree of the DAG node the layer writes into. Follow the layer's output through
     single-input operations (activations, norms, pooling) while it has a single user; if
     that reaches a sum, the node is the root of that addition tree and its in-degree the
@@ -277,8 +334,8 @@ def _sum_in_degree(node: fx.Node, shape: set[fx.Node], layer_nodes: set[fx.Node]
         if _is_add(user):
             while len(user.users) == 1 and _is_add(next(iter(user.users))):
                 user = next(iter(user.users))
-            return _add_leaves(user, shape)
-        if len([i for i in user.all_input_nodes if i not in shape]) != 1:
+            return max(1, _add_leaves(user, live))
+        if len([i for i in user.all_input_nodes if i in live]) != 1:
             return 1
         current = user
     return 1
@@ -289,10 +346,14 @@ def _dag(model_or_dag: nn.Module | LayerDAG) -> LayerDAG:
     return model_or_dag if isinstance(model_or_dag, LayerDAG) else trace_layers(model_or_dag)
 
 
-def path_cube_sum(model_or_dag: nn.Module | LayerDAG) -> int:
-    """``S = sum over input-to-output paths p of L_p^3``, by dynamic programming."""
+def path_cube_sum(model_or_dag: nn.Module | LayerDAG, depth_offset: int = 0) -> int:
+    """``S = sum over input-to-output paths p of (L_p + c)^3``, ``c = depth_offset``
+    (0: the paper's layer count; 1: the official MLP/CNN code's), by dynamic programming:
+    ``sum (L + c)^3 = S3 + 3c S2 + 3c^2 S1 + c^3 N`` from the path-length moments."""
     dag = _dag(model_or_dag)
-    return path_moments(dag.nodes, dag.predecessors(), set(dag.layers))[OUTPUT][3]
+    n, s1, s2, s3 = path_moments(dag.nodes, dag.predecessors(), set(dag.layers))[OUTPUT]
+    c = depth_offset
+    return s3 + 3 * c * s2 + 3 * c * c * s1 + c ** 3 * n
 
 
 def kernel_size(model_or_dag: nn.Module | LayerDAG) -> int:
@@ -300,10 +361,13 @@ def kernel_size(model_or_dag: nn.Module | LayerDAG) -> int:
     return max(_dag(model_or_dag).kernel.values(), default=1)
 
 
-def lr_scale(base_model: nn.Module | LayerDAG, target_model: nn.Module | LayerDAG) -> float:
-    """``eta_target / eta_base = (S_target / S_base)^(-1/2) * q_base / q_target``."""
+def lr_scale(base_model: nn.Module | LayerDAG, target_model: nn.Module | LayerDAG,
+             depth_offset: int = 0) -> float:
+    """``eta_target / eta_base = (S_target / S_base)^(-1/2) * q_base / q_target``
+    (``depth_offset``: see :func:`path_cube_sum`)."""
     base, target = _dag(base_model), _dag(target_model)
-    s_base, s_target = path_cube_sum(base), path_cube_sum(target)
+    s_base = path_cube_sum(base, depth_offset)
+    s_target = path_cube_sum(target, depth_offset)
     for label, s in (("base", s_base), ("target", s_target)):
         if s == 0:
             raise ValueError(f"lr_scale: the {label} model has no input-to-output path through "

@@ -30,21 +30,31 @@ weight decay, as in the common LARS and LAMB implementations. ``exclude=False`` 
 
       phi_t = 1 / (alpha + exp(lam * (t - delay))) + gamma_min
 
-  where ``t`` counts optimizer steps from 0 (the first step has t = 0; counted per tensor,
-  in ``state[p]["step"]``, so a tensor that had no gradient on some steps lags). It starts on a
-  high plateau (about ``1/alpha + gamma_min``: no warm-up) and decays to ``gamma_min`` after
-  ``delay`` steps at a rate set by ``lam``. The stored trust ratio includes phi_t.
+  where ``t`` is one global step counter per param group, 1 on the first ``step()`` (as in
+  the authors' code: ``exp(lmbda * (step_cnt + 1))`` with ``step_cnt`` from 0; it is kept
+  in ``group["step"]`` so it survives ``state_dict()``). The schedule starts on a high
+  plateau (about ``1/alpha + gamma_min``: no warm-up) and decays to ``gamma_min`` around
+  ``delay`` steps, at a rate set by ``lam``. The stored trust ratio includes phi_t.
+
+  Defaults give that shape: ``delay`` (d_e, in steps) must be given, since only the run
+  knows its length; ``lam`` defaults to ``10 / delay`` (phi_1 = 1/(alpha + e^-10), the
+  plateau); ``gamma_min`` defaults to 0.001, the paper's ``0.001 * B / B_base`` at
+  ``B = B_base``: pass ``0.001 * B / B_base`` for another batch size. A ``lam * delay`` too
+  small to give a plateau (phi_1 below 90% of it) is warned about.
 
   *The authors' code differs from the paper* (repository KhoiDOO/tvlars, ``opt/tvlars.py``):
   alpha is fixed at 0.1, there is no gamma_min and no delay in the factor (their "delay"
   instead switches from plain LARS to the decaying factor after some epochs), the weight and
   update norms are clamped at 10, and the lr multiplies the momentum buffer from outside.
+  Their warm-up LARS baseline (``scheduler/lars_warmup.py``) also scales its lr by
+  ``B / 256`` while TVLARS gets the plain lr.
   We follow the paper's formula, with all four constants exposed and no clamping.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,9 +65,9 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = ["LARS", "LAMB", "TVLARS", "tvlars_factor", "warmup_cosine", "warmup_cosine_factor"]
 
 
-def tvlars_factor(t: float, alpha: float = 1.0, lam: float = 1e-3, delay: float = 0.0,
-                  gamma_min: float = 0.0) -> float:
-    """TVLARS's time-varying factor ``phi_t = 1 / (alpha + exp(lam (t - delay))) + gamma_min``."""
+def tvlars_factor(t: float, alpha: float, lam: float, delay: float, gamma_min: float) -> float:
+    """TVLARS's time-varying factor ``phi_t = 1 / (alpha + exp(lam (t - delay))) + gamma_min``
+    (``t`` = 1 on the first step)."""
     psi = lam * (t - delay)
     if psi > 700.0:  # exp overflows; the factor has reached gamma_min
         return gamma_min
@@ -148,8 +158,8 @@ class LARS(Optimizer):
                  ) -> None:
         super().__init__(params, _lars_defaults(lr, momentum, weight_decay, eta, exclude))
 
-    def _factor(self, group: dict[str, Any], t: int) -> float:
-        """Extra multiplier of the trust ratio at step ``t`` (1 for LARS)."""
+    def _factor(self, group: dict[str, Any]) -> float:
+        """Extra multiplier of the trust ratio on this step (1 for LARS)."""
         return 1.0
 
     @torch.no_grad()
@@ -157,13 +167,15 @@ class LARS(Optimizer):
         loss = _call_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            group["step"] = group.get("step", 0) + 1  # global counter, 1 on the first step
+            factor = self._factor(group)
             for p, state, g, w in _with_grads(self, group):
                 t = state.get("step", 0)
                 if _excluded(group, p):
                     d, ratio = g, 1.0
                 else:
                     d = g.add(w, alpha=wd) if wd else g
-                    ratio = _ratio(w.norm(), d.norm(), group["eta"]) * self._factor(group, t)
+                    ratio = _ratio(w.norm(), d.norm(), group["eta"]) * factor
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(d)
@@ -180,25 +192,36 @@ class TVLARS(LARS):
     without warm-up. Excluded tensors (biases, norms) keep a plain momentum step (ratio 1).
     The paper's formula is followed, not the authors' code; see the module docstring.
 
-    The defaults (``alpha=1, lam=1e-3, delay=0, gamma_min=0``) start at phi_0 = 0.5; set
-    ``delay`` and ``lam`` for the run's length, e.g. ``delay = total_steps / 2`` and
-    ``lam = 10 / total_steps`` (what ``benchmarks/lr_papers.py`` uses)."""
+    ``delay`` is required (the plateau's length in steps); ``lam=None`` means
+    ``10 / delay``; ``gamma_min`` is the paper's ``0.001 * B / B_base`` (default 0.001)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1.0, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 1e-3, alpha: float = 1.0,
-                 lam: float = 1e-3, delay: float = 0.0, gamma_min: float = 0.0,
+                 weight_decay: float = 0.0, eta: float = 1e-3, *, delay: float,
+                 lam: float | None = None, alpha: float = 1.0, gamma_min: float = 1e-3,
                  exclude: bool | None = None) -> None:
         if not alpha > 0:
             raise ValueError(f"invalid alpha={alpha!r}: must be > 0 (the plateau is 1/alpha)")
-        _check("lam", lam)
         _check("delay", delay)
+        if lam is None:
+            if not delay > 0:
+                raise ValueError("invalid delay=0 with lam=None: lam defaults to 10 / delay; "
+                                 "give delay > 0 (steps of the plateau) or an explicit lam")
+            lam = 10.0 / delay
+        _check("lam", lam)
         _check("gamma_min", gamma_min)
+        plateau, start = 1.0 / alpha + gamma_min, tvlars_factor(1, alpha, lam, delay, gamma_min)
+        if start < 0.9 * plateau:
+            warnings.warn(f"TVLARS(lam={lam:g}, delay={delay:g}): phi starts at {start:.3g}, "
+                          f"below 90% of its plateau {plateau:.3g}, so there is no high "
+                          "plateau; the paper's schedule needs lam * delay >= about 3",
+                          stacklevel=2)
         defaults = _lars_defaults(lr, momentum, weight_decay, eta, exclude)
         defaults.update(alpha=alpha, lam=lam, delay=delay, gamma_min=gamma_min)
         Optimizer.__init__(self, params, defaults)
 
-    def _factor(self, group: dict[str, Any], t: int) -> float:
-        return tvlars_factor(t, group["alpha"], group["lam"], group["delay"], group["gamma_min"])
+    def _factor(self, group: dict[str, Any]) -> float:
+        return tvlars_factor(group["step"], group["alpha"], group["lam"], group["delay"],
+                             group["gamma_min"])
 
 
 class LAMB(Optimizer):

@@ -8,7 +8,18 @@ batches) and measure each tensor's mean absolute gradient per parameter::
 
 The multiplier is ``m_l = max(G_l, eps)^(-1/2)``, **normalised so that the arithmetic mean
 of the multipliers over all measured tensors is 1**, and it stays fixed for all of
-training: ``lr_l = lr * m_l``, one param group per tensor (named after it), so any
+training.
+
+Which tensors enter the mean. The paper's Algorithm 1 (lines 10-11, as its reviewers
+describe them) rescales the raw rates so that their sum cancels out: ``sum_l m_l`` equals
+the number of rates assigned, i.e. the mean is 1 over every tensor that gets a rate. We
+follow that, biases and norm gains included, since each of them gets its own rate. The
+consequence: biases' gradients per entry are larger than the weights', so their
+multipliers are below 1 and the weight matrices' average above 1 (measured on ReLU MLPs
+of width 256 with biases, default init, 3 seeds: 1.24-1.25 at depth 4, 1.44 at depth 8),
+i.e. the weights train faster than the base ``lr`` on average. ``normalize_over=`` (names) takes
+the mean over those tensors only, e.g. the weight matrices, so that ``lr`` is their
+average rate. An LR sweep absorbs either choice (it changes one global factor): ``lr_l = lr * m_l``, one param group per tensor (named after it), so any
 ``torch.optim`` optimizer and LR scheduler work unchanged (a scheduler scales every
 group's lr by the same factor, keeping the ratios).
 
@@ -73,8 +84,10 @@ def measure_init_gradients(model: nn.Module, batches: Iterable[Any],
     return {n: s / T for n, s in sums.items()}
 
 
-def lw_init_multipliers(grad_means: dict[str, float], eps: float = 1e-12) -> dict[str, float]:
-    """``m_l = max(G_l, eps)^(-1/2)``, scaled so that ``mean_l m_l = 1``.
+def lw_init_multipliers(grad_means: dict[str, float], eps: float = 1e-12,
+                        normalize_over: Iterable[str] | None = None) -> dict[str, float]:
+    """``m_l = max(G_l, eps)^(-1/2)``, scaled so that ``mean_l m_l = 1`` over all tensors,
+    or over the names in ``normalize_over`` only (every tensor still gets a multiplier).
 
     Tensors whose gradient is (near) zero at init hit the ``eps`` clamp and get the largest
     multipliers; that is the paper's rule, not a bug, but check them (an unused tensor
@@ -84,7 +97,13 @@ def lw_init_multipliers(grad_means: dict[str, float], eps: float = 1e-12) -> dic
     if not eps > 0:
         raise ValueError(f"lw_init_multipliers(eps={eps!r}): must be > 0")
     raw = {n: max(float(g), eps) ** -0.5 for n, g in grad_means.items()}
-    mean = sum(raw.values()) / len(raw)
+    over = list(raw) if normalize_over is None else list(dict.fromkeys(normalize_over))
+    unknown = [n for n in over if n not in raw]
+    if not over or unknown:
+        raise ValueError(f"lw_init_multipliers(normalize_over=...): names not measured: "
+                         f"{unknown[:5] or '(empty)'}; pass names of grad_means, e.g. "
+                         "[n for n, p in model.named_parameters() if p.ndim >= 2]")
+    mean = sum(raw[n] for n in over) / len(over)
     return {n: m / mean for n, m in raw.items()}
 
 

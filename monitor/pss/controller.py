@@ -21,6 +21,7 @@ from monitor import schema
 from monitor.metrics import views
 from monitor.pss.control import ControlUpdate, ControlWatcher
 from monitor.pss.detect import Detector
+from monitor.pss.inputs import InputLog
 from monitor.pss.smoothing import smooth_matrix, weight_from_matrix
 from monitor.pss.state import reset_optimizer_state
 from monitor.schema import ControlError, PSSConfig, layer_tag
@@ -55,7 +56,8 @@ class PSSController:
 
     def __init__(self, config: PSSConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  logdir: str, named_params: list[tuple[str, nn.Parameter]] | None = None,
-                 kinds: dict[str, str] | None = None, check_every: int = 5) -> None:
+                 kinds: dict[str, str] | None = None, check_every: int = 5,
+                 start_step: int = 0) -> None:
         if not isinstance(config, PSSConfig):
             raise TypeError(f"PSSController(config=...): expected a PSSConfig, got {config!r}")
         self.config = config
@@ -67,7 +69,14 @@ class PSSController:
         self.interventions: list[int] = []  # steps at which weights were smoothed
         self.watcher = ControlWatcher(logdir, check_every=check_every)
         self._pending = PSSStepResult()  # start-up messages, returned with the first step
+        # every step's detector input, for the dashboard's exact what-if replay
+        self.inputs = self._input_log(start_step)
         self._start_control()
+
+    def _input_log(self, start_step: int) -> InputLog:
+        """The ``pss_input.bin`` writer (the distributed controller opens it on rank 0 only)."""
+        cfg = self.config
+        return InputLog(self.logdir, start_step, cfg.tau, cfg.alpha, cfg.warmup_steps)
 
     @property
     def wants_layer_norms(self) -> bool:
@@ -83,6 +92,7 @@ class PSSController:
             cfg = self.config
             # warm-up counts the steps this controller has seen (a resumed job warms up again)
             triggered, ratio = self.detector.update(global_grad_norm)
+            self.inputs.append(step, global_grad_norm)
             nonfinite = not math.isfinite(global_grad_norm)
             layers = self._selected()
             if cfg.per_layer and layer_grad_norms:
@@ -213,6 +223,7 @@ class PSSController:
             for det in [self.detector, *self.layer_detectors.values()]:
                 det.tau, det.alpha, det.warmup_steps = (self.config.tau, self.config.alpha,
                                                         self.config.warmup_steps)
+            self.inputs.settings(self.config.tau, self.config.alpha, self.config.warmup_steps)
             result.say(schema.TAG_PSS_CONTROL_TEXT,
                        f"step {step}: applied control.json version {update.version}: "
                        f"{changes or 'no change'}" + (f" ({update.note})" if update.note else ""))

@@ -50,6 +50,19 @@ class _BroadcastWatcher:
             setattr(self.inner, name, value)
 
 
+class _NoInputLog:
+    """Stands for ``monitor.pss.inputs.InputLog`` on the ranks that do not write."""
+
+    def append(self, step: int, value: float) -> None:
+        pass
+
+    def settings(self, tau: float, alpha: float, warmup_steps: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class DistributedPSSController(PSSController):
     """:class:`PSSController` for one rank of a distributed job.
 
@@ -64,6 +77,10 @@ class DistributedPSSController(PSSController):
         self.comm, self.placements, self.owners = comm, placements, owners
         super().__init__(*args, **kwargs)
         self.watcher = _BroadcastWatcher(self.watcher, comm)
+
+    def _input_log(self, start_step: int) -> Any:
+        """Rank 0 records the detector's input (the same on every rank); the others none."""
+        return super()._input_log(start_step) if self.comm.rank == 0 else _NoInputLog()
 
     def _start_control(self) -> None:
         """Rank 0 reads (or writes) control.json; every rank starts from its settings."""

@@ -1,0 +1,150 @@
+"""Pure transforms behind the reading aids: smoothing, x axes, relative heatmaps, ranking
+layers by movement, PSS event texts as rows, and a live run's speed.
+
+Everything here maps arrays or tidy tables (``run, step, wall_time, metric, layer, value``)
+to arrays or small tables, so the app can cache it and tests can check it by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+X_AXES = ("step", "wall time", "relative time (h)")
+HEAT_SCALES = ("value", "relative to the layer's first value", "relative to the layer's median")
+
+
+def ema_smooth(y: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: a debiased exponential moving average, NaN skipped.
+
+        s_t = w s_{t-1} + (1 - w) y_t,   shown: s_t / (1 - w^n_t)
+
+    with ``n_t`` the finite values seen so far; ``weight`` 0 returns ``y`` unchanged."""
+    y = np.asarray(y, float)
+    if weight <= 0 or not len(y):
+        return y
+    out = np.full(len(y), np.nan)
+    last, n = 0.0, 0
+    for i, v in enumerate(y):  # sequential by nature; a few thousand points after downsampling
+        if np.isfinite(v):
+            last = weight * last + (1 - weight) * v
+            n += 1
+            out[i] = last / (1 - weight ** n)
+        elif n:
+            out[i] = np.nan
+    return out
+
+
+def x_values(steps: np.ndarray, wall: np.ndarray, axis: str, start: float | None = None
+             ) -> np.ndarray:
+    """The x coordinates for ``axis`` (one of X_AXES): steps, datetimes, or hours since
+    ``start`` (the run's first wall time)."""
+    if axis == "wall time":
+        return pd.to_datetime(np.asarray(wall, float), unit="s").to_numpy()
+    if axis == "relative time (h)":
+        wall = np.asarray(wall, float)
+        origin = start if start is not None else (wall.min() if len(wall) else 0.0)
+        return (wall - origin) / 3600.0
+    return np.asarray(steps)
+
+
+def relative_rows(z: np.ndarray, scale: str) -> np.ndarray:
+    """Each heatmap row divided by its own first finite value or median (``HEAT_SCALES``),
+    so a change shows however large the layer's starting value was."""
+    z = np.asarray(z, float)
+    if scale == HEAT_SCALES[0] or not z.size:
+        return z
+    finite = np.where(np.isfinite(z), z, np.nan)
+    if scale == HEAT_SCALES[1]:
+        has = np.isfinite(finite)
+        first_col = np.where(has.any(axis=1), has.argmax(axis=1), 0)
+        base = finite[np.arange(len(z)), first_col]
+    else:
+        with np.errstate(all="ignore"):
+            base = np.nanmedian(finite, axis=1) if np.isfinite(finite).any() else np.full(len(z), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return finite / np.where(base != 0, base, np.nan)[:, None]
+
+
+def movement(table: pd.DataFrame, metric: str) -> pd.Series:
+    """Per layer, how far the metric moved: |log(last / first)| for positive values, else
+    |last - first| over the spread; largest first."""
+    rows = table[table["metric"] == metric] if metric in table["metric"].cat.categories else table.iloc[:0]
+    rows = rows[rows["layer"] != ""]
+    if not len(rows):
+        return pd.Series(dtype=float)
+    rows = rows.sort_values("step", kind="stable")
+    grouped = rows.groupby("layer", observed=True)["value"]
+    first, last = grouped.first(), grouped.last()
+    with np.errstate(all="ignore"):
+        positive = (first > 0) & (last > 0)
+        score = np.where(positive, np.abs(np.log(last.where(positive, 1) / first.where(positive, 1))),
+                         np.abs(last - first) / (np.abs(first) + 1e-12))
+    out = pd.Series(score, index=first.index.astype(str)).replace([np.inf, -np.inf], np.nan)
+    return out.fillna(0).sort_values(ascending=False, kind="stable")
+
+
+def default_lines(alerted: Sequence[str], moved: Sequence[str], present: Sequence[str],
+                  n: int = 4) -> list[str]:
+    """The layers drawn by default: those that alerted, then those that moved most."""
+    have = set(present)
+    out: list[str] = []
+    for name in list(alerted) + list(moved) + list(present):
+        if name in have and name not in out:
+            out.append(name)
+        if len(out) == n:
+            break
+    return out
+
+
+_EVENT_HEAD = re.compile(r"^step (\d+): (intervention|[^\n]*)")
+_REASON = re.compile(r"intervention \((.*)\); method (\w+); (\d+) layer\(s\) in (\d+) ms")
+_LAYER = re.compile(r"^- (\S+): k=(\d+), sigma ([^ ]+) -> ([^,]+), SR ([^ ]+) -> (\S+)")
+
+
+def pss_event_rows(texts: pd.DataFrame, tag: str) -> pd.DataFrame:
+    """The ``pss/events`` texts as one row per smoothed layer: step, reason, method,
+    layer, k, sigma and SR before and after (events without layers keep one row)."""
+    rows = []
+    sel = texts[texts["tag"] == tag] if len(texts) else texts
+    for run, step, text in zip(sel.get("run", []), sel.get("step", []), sel.get("text", [])):
+        lines = str(text).splitlines()
+        head = lines[0] if lines else ""
+        found = _REASON.search(head)
+        base = {"run": run, "step": int(step),
+                "reason": found.group(1) if found else re.sub(r"^step \d+: ", "", head),
+                "method": found.group(2) if found else ""}
+        layers = [m for m in (_LAYER.match(line) for line in lines[1:]) if m]
+        if not layers:
+            rows.append({**base, "layer": "", "k": None, "sigma before": None,
+                         "sigma after": None, "SR before": None, "SR after": None})
+        for m in layers:
+            rows.append({**base, "layer": m.group(1), "k": int(m.group(2)),
+                         "sigma before": float(m.group(3)), "sigma after": float(m.group(4)),
+                         "SR before": float(m.group(5)), "SR after": float(m.group(6))})
+    return pd.DataFrame(rows, columns=["run", "step", "reason", "method", "layer", "k",
+                                       "sigma before", "sigma after", "SR before", "SR after"])
+
+
+def strip_step(text: str) -> str:
+    """A job's message without its leading ``step N:`` (the app shows the step itself)."""
+    return re.sub(r"^step \d+:\s*", "", str(text))
+
+
+def speed(steps: np.ndarray, wall: np.ndarray, total: float | None = None,
+          window: int = 20) -> tuple[float | None, float | None]:
+    """(steps per second over the last ``window`` logged steps, seconds left to ``total``)."""
+    steps, wall = np.asarray(steps, float), np.asarray(wall, float)
+    if len(steps) < 2:
+        return None, None
+    order = np.argsort(steps, kind="stable")
+    steps, wall = steps[order][-window:], wall[order][-window:]
+    dt, ds = wall[-1] - wall[0], steps[-1] - steps[0]
+    if dt <= 0 or ds <= 0:
+        return None, None
+    rate = ds / dt
+    eta = (total - steps[-1]) / rate if total and total > steps[-1] else None
+    return rate, eta
