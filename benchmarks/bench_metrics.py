@@ -19,7 +19,8 @@ from torch.func import functional_call, grad, vmap
 
 from benchmarks.common import best_time, md_table, write_results
 from monitor.metrics import spectral
-from monitor.metrics.ntk import NTKCapture, cosine_top_eig
+from monitor.metrics.ntk import cosine_top_eig
+from monitor.metrics.ntk_capture import NTKCapture
 
 
 def timed(fn, repeat: int = 3) -> float:

@@ -31,7 +31,7 @@ from demos.data import encode, get_batch, stdlib_text  # noqa: E402
 from demos.model import GPT, GPTConfig  # noqa: E402
 from monitor.config import MonitorConfig  # noqa: E402
 from monitor.metrics import energy, norms, spectral, views  # noqa: E402
-from monitor.metrics.ntk import NTKCapture  # noqa: E402
+from monitor.metrics.ntk_capture import NTKCapture  # noqa: E402
 from monitor.writer import EventWriter  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "overhead.md")

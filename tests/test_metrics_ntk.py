@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from monitor.metrics import ntk
-from monitor.metrics.ntk import NTKCapture, cosine_top_eig
+from monitor.metrics.ntk import cosine_top_eig
+from monitor.metrics.ntk_capture import NTKCapture
 
 B, N = 6, 4  # batch size, probe size
 
