@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from monitor import runstate, safe_io, schema
-from monitor.config import MonitorConfig
+from monitor.config import PRESETS, MonitorConfig
 from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk_capture import NTKCapture
@@ -456,6 +456,33 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
     return lr * float(ratio.item() if isinstance(ratio, torch.Tensor) else ratio)
 
 
+def resolve_config(every: int | None, preset: str, config: MonitorConfig | None,
+                   caller: str = "watch") -> MonitorConfig:
+    """The MonitorConfig that ``every`` / ``preset`` / ``config`` name; a clear error when they
+    conflict (an unknown preset is rejected even when ``config`` is given)."""
+    if preset not in PRESETS:
+        raise ValueError(f"{caller}(preset={preset!r}): unknown preset; choose one of {PRESETS}")
+    if config is None:
+        return MonitorConfig.preset(preset, every=50 if every is None else every)
+    if not isinstance(config, MonitorConfig):
+        raise TypeError(f"{caller}(config=...): expected a MonitorConfig, got {type(config).__name__}")
+    if every is not None and every != config.every:
+        raise ValueError(f"{caller}(every={every}) conflicts with config.every={config.every}; "
+                         "pass one of them")
+    return config
+
+
+def resolve_pss(pss: PSSConfig | bool | None, caller: str = "watch") -> PSSConfig | None:
+    """``True`` -> PSSConfig(), ``False`` / None -> None, a PSSConfig as is; else TypeError."""
+    if pss is True:
+        return PSSConfig()
+    if pss is False or pss is None:
+        return None
+    if not isinstance(pss, PSSConfig):
+        raise TypeError(f"{caller}(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    return pss
+
+
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
           every: int | None = None, *, preset: str = "default", config: MonitorConfig | None = None,
           pss: PSSConfig | bool | None = None, start_step: int = 0) -> Monitor | InactiveMonitor:
@@ -483,17 +510,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("watch(optimizer=...): expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    if config is None:
-        config = MonitorConfig.preset(preset, every=50 if every is None else every)
-    elif every is not None and every != config.every:
-        raise ValueError(f"watch(every={every}) conflicts with config.every={config.every}; "
-                         "pass one of them")
-    if pss is True:
-        pss = PSSConfig()
-    elif pss is False:
-        pss = None
-    elif pss is not None and not isinstance(pss, PSSConfig):
-        raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    config = resolve_config(every, preset, config)
+    pss = resolve_pss(pss)
     model = unwrap_model(model)
     rank, world = rank_and_world_size()
     if world > 1 and pss is not None:

@@ -113,16 +113,16 @@ class NTKCapture:
                     self._add_owner(mha, p)
         found: set[int] = set()
         for module in model.modules():
-            if id(module) in inside_mha:
-                continue
             weight = module._parameters.get("weight")
-            if weight is not None and id(weight) in self.names and id(weight) not in found:
-                kind = module_kind(module)
-                if kind in SUPPORTED_KINDS:
-                    self._modules.append((module, kind, self.names[id(weight)]))
-                    found.add(id(weight))
-            for p in module._parameters.values():  # raw parameters of a custom module
-                if p is not None and id(p) not in found:
+            if id(module) in inside_mha or weight is None or id(weight) not in self.names:
+                continue
+            kind = module_kind(module)
+            if kind in SUPPORTED_KINDS:  # every such module: a tied weight has several usages
+                self._modules.append((module, kind, self.names[id(weight)]))
+                found.add(id(weight))
+        for module in model.modules():  # raw parameters of custom modules
+            for p in module._parameters.values():
+                if p is not None and id(p) not in found and id(module) not in inside_mha:
                     self._add_owner(module, p)
         owned = {name for _, names in self._owners.values() for name in names}
         self.unsupported = {name: "NTK not supported for this weight (no module owns it)"

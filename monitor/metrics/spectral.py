@@ -206,12 +206,12 @@ def _start_vector(v0: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
             return v / torch.linalg.vector_norm(v)
     omega = torch.randn(n, min(COLD_START_BLOCK, n), device=M.device, generator=gen)
     Z = M.t() @ torch.linalg.qr(M @ omega).Q  # (n, b): Qᵀ M = Zᵀ
-    _, vecs = torch.linalg.eigh((Z.t() @ Z).double())  # ascending
+    gram = (Z.t() @ Z).double()
+    if not (bool(torch.isfinite(gram).all()) and float(gram.abs().max()) > 0):
+        return omega[:, 0] / torch.linalg.vector_norm(omega[:, 0])  # Lanczos reports it
+    _, vecs = torch.linalg.eigh(gram)  # ascending
     v = Z @ vecs[:, -1].to(Z.dtype)
-    norm = float(torch.linalg.vector_norm(v))
-    if not (math.isfinite(norm) and norm > 0):  # zero or broken matrix: Lanczos reports it
-        return omega[:, 0] / torch.linalg.vector_norm(omega[:, 0])
-    return v / norm
+    return v / torch.linalg.vector_norm(v)
 
 
 def stable_rank(M: torch.Tensor, sigma: float) -> float:
