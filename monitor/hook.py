@@ -373,8 +373,7 @@ class Monitor:
         record.close_failures()
         try:
             self._writer.write(record.step, record.scalars, record.texts)
-            if self.config.log_system:
-                self._write_run_file("running")
+            self._write_run_file("running")  # a no-op without log_system
         except Exception as err:
             log.warning("monitor: writing step %d failed: %s", record.step, err)
 
@@ -419,15 +418,14 @@ class Monitor:
                 "model": type(self.model).__name__}
 
     def _pss_config_dict(self) -> dict[str, Any] | None:
-        pss = getattr(self, "_pss", None)
-        return pss.config.to_dict() if pss is not None and hasattr(pss, "config") else None
+        return self._pss.config.to_dict() if self._pss is not None else None
 
     def _write_run_file(self, status: str) -> None:
         if not self.config.log_system:
             return
         info = {"status": status, "layers": [l.name for l in self.layers],
                 "spectral": [l.name for l in self.layers if l.spectral],
-                "started": getattr(self, "_started", time.time()), "updated": time.time(),
+                "started": self._started, "updated": time.time(),
                 "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
                 **self._run_info()}
         path = os.path.join(self.logdir, schema.RUN_FILENAME)
