@@ -269,14 +269,14 @@ class Monitor:
                 layer.v = result.v  # also when unconverged: the next step goes on from it
                 if not result.converged:  # outside the stated accuracy: said, not logged
                     unconverged += 1
-                    record.fail(schema.SIGMA_MAX, name, result.reason + "; raise power_iters")
+                    record.fail(schema.STABLE_RANK, name, result.reason + "; raise power_iters")
                     continue
                 sr = spectral.stable_rank(M, result.sigma)
                 record.scalars[layer_tag(schema.SIGMA_MAX, name)] = result.sigma
                 record.scalars[layer_tag(schema.STABLE_RANK, name)] = sr
             except Exception as err:
                 layer.v = None
-                record.fail(schema.SIGMA_MAX, name, str(err))
+                record.fail(schema.STABLE_RANK, name, str(err))
                 continue
             if sje and layer.param.grad is not None:
                 try:

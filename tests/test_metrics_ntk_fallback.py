@@ -158,3 +158,42 @@ def test_fallback_rerun_leaves_gradients_and_random_stream_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, grads[n]), n
+
+
+class WithPosition(nn.Module):
+    """A raw (1, T, d) position parameter of the root module, which also returns a loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(0.5 * torch.randn(1, 5, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, y=None):
+        out = self.fc(torch.tanh(x + self.pos))
+        return out if y is None else (mse(out, y), out)
+
+
+def test_raw_parameter_of_the_root_module_matches_torch_func():
+    torch.manual_seed(5)
+    model = WithPosition()
+    x, y = data()
+    values, errors, _ = run_capture(model, x, y)
+    ref = reference(model, x, y, mse, N)
+    assert errors == {} and set(values) == {"pos", "fc.weight"}
+    for name, value in ref.items():
+        assert values[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_a_scalar_loss_output_of_an_owner_is_skipped_not_fatal():
+    torch.manual_seed(6)
+    model = WithPosition()
+    x, y = data()
+    names = {id(p): name for name, p in model.named_parameters() if p.ndim >= 2}
+    cap = NTKCapture(model, names, n=N)
+    cap.arm()
+    loss, _ = model(x, y)  # the loss (0-d) is an output of the owner: no batch dimension
+    loss.backward()
+    values, errors = cap.compute()
+    cap.disarm()
+    assert errors == {}
+    assert values["pos"] == pytest.approx(reference(model, x, y, mse, N)["pos"], abs=1e-4)

@@ -64,8 +64,26 @@ def test_trained_matrix_with_a_large_top_gap():
     check(M, spectral.power_sigma_max(M))
 
 
-@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert])
+def gpt2_256():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(n_layer=1, n_embd=256, n_head=4, vocab_size=300,
+                                n_positions=128))
+
+
+def bert_256():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=1024, vocab_size=300,
+                                max_position_embeddings=128))
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert, gpt2_256, bert_256])
 def test_hugging_face_initialisations(factory):
+    """Built from configs (no download); the 256-wide ones take the Lanczos path."""
     model = factory()
     kinds = views.layer_kinds(model)
     checked = 0
@@ -127,5 +145,5 @@ def test_unconverged_estimate_is_counted_and_said_not_logged(tmp_path, monkeypat
     texts = read_texts(str(tmp_path))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     missing = [n for n in seen[0] if f"sigma_max/{n}" not in logged]
     assert len(missing) == counts[0]
-    assert f"sigma_max/{missing[0]}: not converged in 2 Lanczos steps" in texts[0]
+    assert f"stable_rank/{missing[0]}: not converged in 2 Lanczos steps" in texts[0]
     assert "raise power_iters" in texts[0]

@@ -268,7 +268,7 @@ class NTKCapture:
                 return
             self._owner_calls.setdefault(id(module), []).append(call)
             for i, (o, dim) in enumerate(zip(outputs, call.out_dims)):
-                if o.requires_grad:
+                if o.requires_grad and o.ndim > dim and o.shape[dim] == batch:  # not a loss
                     o.register_hook(partial(self._on_owner_grad, call=call, index=i, gen=gen))
         except Exception as err:  # never break training
             for name in names:
@@ -276,11 +276,15 @@ class NTKCapture:
 
     def _on_owner_grad(self, grad: torch.Tensor, *, call: OwnerCall, index: int,
                        gen: int) -> None:
-        if gen != self._generation or call.deltas[index] is not None:
-            return
-        self._backward_started = True
-        dim = call.out_dims[index]
-        call.deltas[index] = grad.narrow(dim, 0, min(self.n, call.batch)).detach().clone()
+        try:
+            if gen != self._generation or call.deltas[index] is not None:
+                return
+            self._backward_started = True
+            dim = call.out_dims[index]
+            call.deltas[index] = grad.narrow(dim, 0, min(self.n, call.batch)).detach().clone()
+        except Exception as err:  # never break training
+            for name in self._owners[id(call.module)][1]:
+                self._errors[name] = f"NTK capture failed in backward: {err!r}"
 
     def _fallback_usages(self, name: str) -> list[PerSample]:
         """Per-sample gradients of ``name`` from each call of its owner: one re-run of the
