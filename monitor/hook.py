@@ -459,7 +459,8 @@ def resolve_config(every: int | None, preset: str, config: MonitorConfig | None,
     """The MonitorConfig that ``every`` / ``preset`` / ``config`` name; a clear error when they
     conflict (an unknown preset is rejected even when ``config`` is given)."""
     if preset not in PRESETS:
-        raise ValueError(f"{caller}(preset={preset!r}): unknown preset; choose one of {PRESETS}")
+        raise ValueError(f"{caller}(preset={preset!r}): unknown preset {preset!r}; choose one of "
+                         f"{PRESETS}")
     if config is None:
         return MonitorConfig.preset(preset, every=50 if every is None else every)
     if not isinstance(config, MonitorConfig):

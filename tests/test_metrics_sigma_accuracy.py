@@ -92,7 +92,7 @@ def test_hugging_face_initialisations(factory):
             M = views.matrix_view(p, kinds[name])
             check(M, spectral.power_sigma_max(M))
             checked += 1
-    assert checked >= 8
+    assert checked >= 6
 
 
 def test_nearly_degenerate_top_is_not_stopped_early():

@@ -412,8 +412,10 @@ class NTKCapture:
         if self.armed and not self._captures and not self._errors and not self._owner_calls:
             reason = ("NTK: no forward pass of a watched module ran between arm() and compute() "
                       "(with optimizer.step(closure), the closure runs after the step pre-hook)")
-            errors.update({name: reason for name in self.names.values() if name not in errors
-                           and self._has_gradient(name)})
+            for name in self.names.values():
+                if name not in errors and self._has_gradient(name):
+                    functional = any(nm == name for _, _, nm in self._modules)
+                    errors[name] = self._learn_owner(name) if functional else reason
             return values, errors
         for name in self.names.values():
             if name in errors:
