@@ -133,6 +133,7 @@ class NTKCapture:
         self._by_name = {name: self._params[pid] for pid, name in self.names.items()
                          if pid in self._params}
         self._rerunning = False  # the fallback re-runs owners: our hooks must stay quiet
+        self._model_ran = False  # the model's own forward ran since arm()
         self._handles: list[Any] = []
         self._captures: dict[str, list[_Capture]] = {}
         self._errors: dict[str, str] = {}
@@ -170,6 +171,8 @@ class NTKCapture:
         for owner, _ in self._owners.values():
             hook = partial(self._on_owner_forward, gen=gen)
             self._handles.append(owner.register_forward_hook(hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(partial(self._on_model_forward,
+                                                                      gen=gen)))
 
     def disarm(self) -> None:
         """Remove all hooks and free what was captured. Safe to call twice."""
@@ -180,6 +183,7 @@ class NTKCapture:
         self._generation += 1  # tensor hooks still pending in old graphs become no-ops
         self._captures, self._errors, self._broadcast = {}, {}, []
         self._owner_calls, self._owner_grads = {}, {}
+        self._model_ran = False  # the model's own forward ran since arm()
         self._backward_started, self._batch, self._bytes = False, None, 0
 
     def _keep(self, t: torch.Tensor, name: str) -> torch.Tensor | None:
@@ -234,6 +238,10 @@ class NTKCapture:
                 output.register_hook(partial(self._on_grad, record=record, gen=gen, name=name))
         except Exception as err:  # never break training
             self._errors[name] = f"NTK capture failed in forward: {err!r}"
+
+    def _on_model_forward(self, module: nn.Module, args: tuple, output: Any, *, gen: int) -> None:
+        if gen == self._generation and not self._rerunning:
+            self._model_ran = True
 
     def _on_owner_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, *,
                           gen: int) -> None:
@@ -414,7 +422,7 @@ class NTKCapture:
                       "(with optimizer.step(closure), the closure runs after the step pre-hook)")
             for name in self.names.values():
                 if name not in errors and self._has_gradient(name):
-                    functional = any(nm == name for _, _, nm in self._modules)
+                    functional = self._model_ran and any(nm == name for _, _, nm in self._modules)
                     errors[name] = self._learn_owner(name) if functional else reason
             return values, errors
         for name in self.names.values():
