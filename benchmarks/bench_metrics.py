@@ -2,7 +2,9 @@
 
     python -m benchmarks.bench_metrics [--quick]
 
-- sigma_max: warm-started power iteration vs ``torch.linalg.svdvals``;
+- sigma_max accuracy on random-init (Marchenko-Pastur) spectra, cold and warm, against
+  float64 ``svdvals``, and its cost against ``svdvals`` side by side;
+- sigma_max: warm-started Lanczos vs ``torch.linalg.svdvals``;
 - top-k triplets for SJE: ``top_k_svd`` (float64 Gram eigh / randomized) vs ``torch.linalg.svd``;
 - NTK: Gram from captured inputs and output gradients vs explicit per-sample gradients with
   ``vmap(grad)`` (which also needs an extra forward and backward).
@@ -19,7 +21,8 @@ from torch.func import functional_call, grad, vmap
 
 from benchmarks.common import best_time, md_table, write_results
 from monitor.metrics import spectral
-from monitor.metrics.ntk import NTKCapture, cosine_top_eig
+from monitor.metrics.ntk import cosine_top_eig
+from monitor.metrics.ntk_capture import NTKCapture
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -40,6 +43,47 @@ def spectral_rows(shapes: list[tuple[int, int]]) -> list[list[object]]:
                      f"{timed(lambda: torch.linalg.svdvals(M2), 1):.1f}",
                      f"{timed(lambda: spectral.top_k_svd(M2, 16)):.1f}",
                      f"{timed(lambda: torch.linalg.svd(M2, full_matrices=False), 1):.1f}"])
+    return rows
+
+
+def init_matrix(kind: str, n: int, seed: int = 0) -> torch.Tensor:
+    """Random-init matrices: Marchenko-Pastur spectra with a nearly flat top (Gaussian,
+    nn.Linear's uniform Kaiming), or a trained-like matrix with a large top gap."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "gaussian (MP)":
+        return torch.randn(n, n, generator=gen) / n ** 0.5
+    if kind == "kaiming uniform (MP)":
+        bound = 1 / n ** 0.5  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        return (torch.rand(n, n, generator=gen) * 2 - 1) * bound
+    M = torch.randn(n, n, generator=gen) / n ** 0.5
+    return M + 3.0 * torch.outer(torch.randn(n, generator=gen), torch.randn(n, generator=gen)) / n
+
+
+def accuracy_rows(sizes: list[int], kinds: list[str]) -> list[list[object]]:
+    """sigma_max / SR error against float64 svdvals, cold (first logged step) and warm (one
+    SGD-like step later), with the time ratio to float32 svdvals measured side by side."""
+    rows = []
+    for n in sizes:
+        for kind in kinds if n < 2048 else kinds[:1]:  # the largest: Gaussian only (time)
+            M = init_matrix(kind, n)
+            M2 = M - 0.05 * M.std() * torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+            s = torch.linalg.svdvals(M2.double())
+            t_svd = timed(lambda: torch.linalg.svdvals(M2), 1)
+            cold = spectral.power_sigma_max(M2)
+            first = spectral.power_sigma_max(M)
+            warm = spectral.power_sigma_max(M2, first.v)
+            t_cold = timed(lambda: spectral.power_sigma_max(M2))
+            t_warm = timed(lambda: spectral.power_sigma_max(M2, first.v))
+            s1, fro2 = float(s[0]), float(s.pow(2).sum())
+
+            def err(r):
+                sr_err = abs(fro2 / r.sigma ** 2 - fro2 / s1 ** 2) / (fro2 / s1 ** 2)
+                return f"{abs(r.sigma - s1) / s1:.1e} / {sr_err:.1e}"
+            rows.append([f"{n}x{n}", kind, f"{float(s[1]) / s1:.4f}", f"{t_svd:.0f}",
+                         f"{t_cold:.1f} ({cold.iters} it)", err(cold),
+                         f"{t_warm:.1f} ({warm.iters} it)", err(warm),
+                         f"**{t_svd / t_warm:.0f}x**", str(cold.converged and warm.converged)])
+            print(" | ".join(map(str, rows[-1])), flush=True)  # progress on a slow machine
     return rows
 
 
@@ -74,10 +118,21 @@ def ntk_rows(n: int, T: int, d: int) -> list[list[object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--sizes", default="256,1024,2048,4096",
+                        help="square sizes of the accuracy table (comma-separated)")
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = [(256, 256), (512, 2048)] if args.quick else [(256, 256), (512, 2048), (768, 3072)]
-    body = "## sigma_max and top-k (ms)\n\n" + md_table(
+    sizes_acc = [int(x) for x in args.sizes.split(",")]
+    body = ("## sigma_max accuracy and cost, random-init (Marchenko-Pastur) spectra\n\n"
+            "Lanczos with the residual rule (power_tol 2e-3, the default), cold (first logged "
+            "step) and warm (from the previous step's vector) on the matrix one SGD-like step "
+            "later; errors against float64 `svdvals`; times in ms, best of 3; svdvals float32.\n\n"
+            + md_table(["matrix", "init", "s2/s1", "svdvals ms", "cold ms", "cold err sigma / SR",
+                        "warm ms", "warm err sigma / SR", "svdvals / warm", "converged"],
+                       accuracy_rows(sizes_acc, ["gaussian (MP)", "kaiming uniform (MP)",
+                                                 "trained, large top gap"])))
+    body += "\n## sigma_max and top-k (ms)\n\n" + md_table(
         ["matrix", "power, warm", "power, cold", "svdvals", "top_k_svd(k=16)", "full svd"],
         spectral_rows(shapes))
     sizes = [(8, 32, 64)] if args.quick else [(8, 32, 64), (16, 128, 128)]

@@ -32,9 +32,9 @@ def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int
     """One row per alert (first step it happened), sorted by step."""
     rows: list[tuple] = []
     if len(table):
-        for (run, metric), group in _groups(table, ("stable_rank", "sje")):
+        for (run, metric), group in _groups(table, (schema.STABLE_RANK, schema.SJE)):
             for layer, steps, values in _per_layer(group):
-                if metric == "stable_rank":
+                if metric == schema.STABLE_RANK:
                     rows.extend(_collapse(run, layer, steps, values, collapse_ratio, settle,
                                          sr_floor))
                 else:
@@ -150,10 +150,10 @@ def _nonfinite_values(table: pd.DataFrame) -> list[tuple]:
 def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarray:
     """Mask of ``bad`` rows that are NaN update ratios of weights with a zero norm."""
     mask = np.zeros(len(bad), bool)
-    is_ratio = (bad["metric"] == "update_ratio").to_numpy() & np.isnan(bad["value"].to_numpy())
-    if not is_ratio.any() or "param_norm" not in table["metric"].cat.categories:
+    is_ratio = (bad["metric"] == schema.UPDATE_RATIO).to_numpy() & np.isnan(bad["value"].to_numpy())
+    if not is_ratio.any() or schema.PARAM_NORM not in table["metric"].cat.categories:
         return mask
-    norms = table[table["metric"] == "param_norm"]
+    norms = table[table["metric"] == schema.PARAM_NORM]
     zero = set(zip(norms["run"][norms["value"] == 0], norms["layer"][norms["value"] == 0],
                    norms["step"][norms["value"] == 0]))
     rows = bad[is_ratio]

@@ -24,8 +24,8 @@ MAX_POINTS = 2000  # points per line after downsampling
 MAX_HEATMAP_STEPS = 400  # step columns of a heatmap after binning
 MAX_HEATMAP_LAYERS = 300  # rows of a heatmap; more are cut with a note
 MAX_LINES = 12  # layers drawn as lines at once
-LOG_METRICS = frozenset({"sigma_max", "grad_norm", "param_norm", "update_ratio", "lr",
-                         "lr_effective", schema.TAG_GLOBAL_GRAD_NORM})
+LOG_METRICS = frozenset({schema.SIGMA_MAX, schema.GRAD_NORM, schema.PARAM_NORM, schema.UPDATE_RATIO,
+                         schema.LR, schema.LR_EFFECTIVE, schema.TAG_GLOBAL_GRAD_NORM})
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 DASHES = ("solid", "dash", "dot", "dashdot")
@@ -334,8 +334,8 @@ def lr_figure(table: pd.DataFrame, layers: Sequence[str], max_points: int = MAX_
         for ri, run in enumerate(runs):
             color = PALETTE[(li if len(runs) == 1 else ri) % len(PALETTE)]
             prefix = "" if len(runs) == 1 else f"{_short(run)} · "
-            for metric, dash, label in (("lr", "solid", "applied"),
-                                        ("lr_effective", "dot", "effective")):
+            for metric, dash, label in ((schema.LR, "solid", "applied"),
+                                        (schema.LR_EFFECTIVE, "dot", "effective")):
                 x, y = xy(table, metric, layer, run, style, max_points)
                 if len(x):
                     fig.add_trace(line(x, y, f"{prefix}{layer} {label}", color, dash,

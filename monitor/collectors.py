@@ -163,6 +163,10 @@ class Spectral(Collector):
             t.v = None
             ctx.own.fail("stable_rank", t.name, str(err))
             return
+        if not res.converged and math.isfinite(res.sigma) and res.sigma > 0:
+            t.v = res.v  # outside the stated accuracy: said, not logged (as in one process)
+            ctx.own.fail("stable_rank", t.name, res.reason + "; raise power_iters")
+            return
         self._record(ctx, t, res.sigma, res.v, ctx.own, report=True)
 
     @staticmethod
@@ -205,9 +209,10 @@ class SJE(Collector):
     def _sje(self, ctx: StepContext, t: Target, W: torch.Tensor, G: torch.Tensor) -> None:
         if t.name not in ctx.sigma:
             return  # sigma_max failed: recorded already
-        try:
+        try:  # k from the stable rank logged for this step, as in one process
+            sr = ctx.weight_sq[t.name] / ctx.sigma[t.name] ** 2
             value, _k = energy.sje(views.matrix_view(W, t.kind), views.matrix_view(G, t.kind),
-                                   k_max=self.m.config.sje_k_max, sigma=ctx.sigma[t.name])
+                                   k_max=self.m.config.sje_k_max, sr=sr)
             if not math.isfinite(value):
                 raise ValueError(f"SJE is {value}")
             ctx.own.scalars[layer_tag("sje", t.name)] = value
@@ -364,6 +369,18 @@ class DistributedMetrics:
         nan = [t.placement == UNSUPPORTED for t in self.targets]
         return ([math.nan if nan[i] else math.sqrt(total[i]) for i in range(n)],
                 [math.nan if nan[i] else math.sqrt(total[n + i]) for i in range(n)])
+
+    def update_values(self, before: Sequence[torch.Tensor], grad_norms: dict[str, float]
+                      ) -> tuple[list[float], list[float], dict[int, float]]:
+        """``(‖W_before‖, update ratio ‖ΔW‖/‖W_before‖, {layer index: lr_effective ‖ΔW‖/‖G‖})``
+        of the whole tensors, as ``norms.update_ratio`` / ``norms.lr_effective`` give them in
+        one process (nan where a denominator is 0; ``grad_norms``: this step's whole-tensor
+        gradient norms by layer name)."""
+        deltas, pnorms = self.update_norms(before)
+        ratios = [d / w if w > 0 else math.nan for d, w in zip(deltas, pnorms)]
+        rates = {i: d / grad_norms[t.name] for i, (t, d) in enumerate(zip(self.targets, deltas))
+                 if grad_norms.get(t.name, 0.0) > 0}
+        return pnorms, ratios, rates
 
     # ------------------------------------------------------------------ helpers
     def _merge(self, record: Any, own: Any) -> None:

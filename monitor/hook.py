@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from monitor import runstate, safe_io, schema
-from monitor.config import MonitorConfig
+from monitor.config import PRESETS, MonitorConfig
 from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_model
 from monitor.flight import make_job_alerts, refuse_distributed
 from monitor.metrics import energy, norms, spectral, views
-from monitor.metrics.ntk import NTKCapture
+from monitor.metrics.ntk_capture import NTKCapture
 from monitor.schema import PSSConfig, layer_tag
 from monitor.writer import EventWriter, default_layout
 
@@ -280,13 +280,14 @@ class Monitor:
         gnorms = norms.tensor_norms(grads)
         self._grad_norms = dict(zip((l.name for l in with_grad), gnorms))
         for name, value in self._grad_norms.items():
-            record.scalars[layer_tag("grad_norm", name)] = value
+            record.scalars[layer_tag(schema.GRAD_NORM, name)] = value
         record.scalars[schema.TAG_GLOBAL_GRAD_NORM] = norms.global_norm(gnorms)
         record.scalars[schema.TAG_NONFINITE_GRAD] = float(norms.nonfinite_count(grads))
         record.scalars[schema.TAG_NONFINITE_WEIGHT] = float(
             norms.nonfinite_count([l.param for l in self.layers]))
 
     def _spectral_metrics(self, record: StepRecord, sje: bool) -> None:
+        unconverged = 0
         for layer in self.layers:
             if not layer.spectral:
                 continue
@@ -297,39 +298,46 @@ class Monitor:
                                                   tol=self.config.power_tol)
                 if not (math.isfinite(result.sigma) and result.sigma > 0):
                     raise ValueError(f"sigma_max is {result.sigma} (zero or non-finite weights)")
-                layer.v = result.v
+                layer.v = result.v  # also when unconverged: the next step goes on from it
+                if not result.converged:  # outside the stated accuracy: said, not logged
+                    unconverged += 1
+                    record.fail(schema.STABLE_RANK, name, result.reason + "; raise power_iters")
+                    continue
                 sr = spectral.stable_rank(M, result.sigma)
-                record.scalars[layer_tag("sigma_max", name)] = result.sigma
-                record.scalars[layer_tag("stable_rank", name)] = sr
+                record.scalars[layer_tag(schema.SIGMA_MAX, name)] = result.sigma
+                record.scalars[layer_tag(schema.STABLE_RANK, name)] = sr
             except Exception as err:
                 layer.v = None
-                record.fail("stable_rank", name, str(err))
+                record.fail(schema.STABLE_RANK, name, str(err))
                 continue
             if sje and layer.param.grad is not None:
                 try:
                     G = views.matrix_view(layer.param.grad.detach(), layer.kind)
-                    value, _k = energy.sje(M, G, k_max=self.config.sje_k_max, sigma=result.sigma)
+                    value, _k = energy.sje(M, G, k_max=self.config.sje_k_max, sr=sr)
                     if not math.isfinite(value):
                         raise ValueError(f"SJE is {value}")
-                    record.scalars[layer_tag("sje", name)] = value
+                    record.scalars[layer_tag(schema.SJE, name)] = value
                 except Exception as err:
-                    record.fail("sje", name, str(err))
+                    record.fail(schema.SJE, name, str(err))
+        if unconverged:
+            record.scalars[schema.TAG_SIGMA_UNCONVERGED] = float(unconverged)
 
     def _ntk_metrics(self, record: StepRecord | None) -> None:
         try:
             if record is not None:
                 values, errors = self._ntk.compute()
                 for name, value in values.items():
-                    record.scalars[layer_tag("ntk_eig", name)] = value
+                    record.scalars[layer_tag(schema.NTK_EIG, name)] = value
                 for name, reason in errors.items():
                     if name not in self._ntk.unsupported:
-                        record.fail("ntk_eig", name, reason)
+                        record.fail(schema.NTK_EIG, name, reason)
                     elif name not in self._reported_unsupported:  # structural: say it once
                         self._reported_unsupported.add(name)
                         record.texts[schema.TAG_UNSUPPORTED] = (
                             record.texts.get(schema.TAG_UNSUPPORTED, "")
                             + f"- ntk_eig/{name}: {reason}\n")
-                record.scalars[schema.TAG_NTK_PROBE] = float(self._ntk.n)
+                if self._ntk.probe_used:  # samples actually used: min(ntk_probe, batch size)
+                    record.scalars[schema.TAG_NTK_PROBE] = float(self._ntk.probe_used)
         finally:
             self._ntk.disarm()
 
@@ -338,24 +346,28 @@ class Monitor:
             self._groups_seen = len(self.optimizer.param_groups)
             self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         before = self._before
-        if self._dist is not None:
-            deltas, pnorms = self._dist.update_norms(before)
+        if self._dist is not None:  # whole tensors: one all-reduce (monitor.collectors)
+            pnorms, ratios, rates = self._dist.update_values(before, self._grad_norms or {})
         else:
             after = [l.param.detach() for l in self.layers]
-            deltas = norms.tensor_norms([a - b for a, b in zip(after, before)])
             pnorms = norms.tensor_norms(before)
-        for layer, delta, pnorm in zip(self.layers, deltas, pnorms):
+            ratios = norms.update_ratio(before, after)  # nan where ||W_before|| = 0: not logged
+            stepped = [i for i, l in enumerate(self.layers) if l.param.grad is not None]
+            rates = dict(zip(stepped, norms.lr_effective(
+                [before[i] for i in stepped], [after[i] for i in stepped],
+                [self.layers[i].param.grad for i in stepped])))
+        for i, (layer, pnorm, ratio) in enumerate(zip(self.layers, pnorms, ratios)):
             name = layer.name
-            record.scalars[layer_tag("param_norm", name)] = pnorm
+            record.scalars[layer_tag(schema.PARAM_NORM, name)] = pnorm
             group = self._group_of.get(id(layer.param))
             if group is None:
                 continue  # not optimised (e.g. frozen and not in the optimizer)
-            if pnorm > 0:  # undefined for an all-zero tensor (a zero-initialised bias)
-                record.scalars[layer_tag("update_ratio", name)] = delta / pnorm
-            record.scalars[layer_tag("lr", name)] = applied_lr(self.optimizer, group, layer.param)
-            gnorm = self._grad_norms.get(name)
-            if gnorm is not None and gnorm > 0:
-                record.scalars[layer_tag("lr_effective", name)] = delta / gnorm
+            if not math.isnan(ratio):  # undefined for an all-zero tensor (a zero-initialised bias)
+                record.scalars[layer_tag(schema.UPDATE_RATIO, name)] = ratio
+            record.scalars[layer_tag(schema.LR, name)] = applied_lr(self.optimizer, group, layer.param)
+            rate = rates.get(i, math.nan)  # nan where the gradient is zero (or was dropped)
+            if not math.isnan(rate):
+                record.scalars[layer_tag(schema.LR_EFFECTIVE, name)] = rate
 
     def _pss_step(self, t: int, record: StepRecord | None) -> StepRecord | None:
         grads = [l.param.grad for l in self.layers if l.param.grad is not None]
@@ -414,8 +426,7 @@ class Monitor:
         record.close_failures()
         try:
             self._writer.write(record.step, record.scalars, record.texts)
-            if self.config.log_system:
-                self._write_run_file("running")
+            self._write_run_file("running")  # a no-op without log_system
         except Exception as err:
             log.warning("monitor: writing step %d failed: %s", record.step, err)
 
@@ -463,15 +474,14 @@ class Monitor:
         return info
 
     def _pss_config_dict(self) -> dict[str, Any] | None:
-        pss = getattr(self, "_pss", None)
-        return pss.config.to_dict() if pss is not None and hasattr(pss, "config") else None
+        return self._pss.config.to_dict() if self._pss is not None else None
 
     def _write_run_file(self, status: str) -> None:
         if not self.config.log_system:
             return
         info = {"status": status, "layers": [l.name for l in self.layers],
                 "spectral": [l.name for l in self.layers if l.spectral],
-                "started": getattr(self, "_started", time.time()), "updated": time.time(),
+                "started": self._started, "updated": time.time(),
                 "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
                 **self._run_info()}
         path = os.path.join(self.logdir, schema.RUN_FILENAME)
@@ -498,6 +508,34 @@ def applied_lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
     lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
     ratio = optimizer.state.get(param, {}).get("trust_ratio", 1.0)
     return lr * float(ratio.item() if isinstance(ratio, torch.Tensor) else ratio)
+
+
+def resolve_config(every: int | None, preset: str, config: MonitorConfig | None,
+                   caller: str = "watch") -> MonitorConfig:
+    """The MonitorConfig that ``every`` / ``preset`` / ``config`` name; a clear error when they
+    conflict (an unknown preset is rejected even when ``config`` is given)."""
+    if preset not in PRESETS:
+        raise ValueError(f"{caller}(preset={preset!r}): unknown preset {preset!r}; choose one of "
+                         f"{PRESETS}")
+    if config is None:
+        return MonitorConfig.preset(preset, every=50 if every is None else every)
+    if not isinstance(config, MonitorConfig):
+        raise TypeError(f"{caller}(config=...): expected a MonitorConfig, got {type(config).__name__}")
+    if every is not None and every != config.every:
+        raise ValueError(f"{caller}(every={every}) conflicts with config.every={config.every}; "
+                         "pass one of them")
+    return config
+
+
+def resolve_pss(pss: PSSConfig | bool | None, caller: str = "watch") -> PSSConfig | None:
+    """``True`` -> PSSConfig(), ``False`` / None -> None, a PSSConfig as is; else TypeError."""
+    if pss is True:
+        return PSSConfig()
+    if pss is False or pss is None:
+        return None
+    if not isinstance(pss, PSSConfig):
+        raise TypeError(f"{caller}(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    return pss
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.PathLike[str] | None = None,
@@ -534,17 +572,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str | os.P
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("watch(optimizer=...): expected a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    if config is None:
-        config = MonitorConfig.preset(preset, every=50 if every is None else every)
-    elif every is not None and every != config.every:
-        raise ValueError(f"watch(every={every}) conflicts with config.every={config.every}; "
-                         "pass one of them")
-    if pss is True:
-        pss = PSSConfig()
-    elif pss is False:
-        pss = None
-    elif pss is not None and not isinstance(pss, PSSConfig):
-        raise TypeError(f"watch(pss=...): expected True, False, None or a PSSConfig, got {pss!r}")
+    config = resolve_config(every, preset, config)
+    pss = resolve_pss(pss)
     model = unwrap_model(model)
     refuse_distributed(alerts, rank_and_world_size()[1])
     if logdir is None:

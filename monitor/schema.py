@@ -22,21 +22,23 @@ from monitor import safe_io
 # Metric keys and tags
 # ---------------------------------------------------------------------------------------
 
+# Per-tensor metric keys (``<key>/<parameter name>``): use these names, not string literals.
+STABLE_RANK = "stable_rank"  # ||M||_F^2 / sigma_1^2, in [1, rank]; falls before a "singularity"
+SIGMA_MAX = "sigma_max"  # sigma_1 of the matrix view (Lanczos, residual-bounded; SPEC 6)
+SJE = "sje"  # stable Jacobian energy: gradient energy in the top-k singular subspace, [0, 1]
+NTK_EIG = "ntk_eig"  # lambda_max of the per-layer cosine NTK over a probe of n samples, [1, n]
+GRAD_NORM = "grad_norm"  # ||G||_F
+PARAM_NORM = "param_norm"  # ||W||_F
+UPDATE_RATIO = "update_ratio"  # ||W_after - W_before||_F / ||W_before||_F of the optimizer step
+LR = "lr"  # learning rate the optimizer applied: group lr x trust ratio (LARS/LAMB/TVLARS)
+LR_EFFECTIVE = "lr_effective"  # measured ||W_after - W_before||_F / ||G||_F
+
 #: Per-tensor metric keys, in the order the README documents them.
-METRIC_KEYS: tuple[str, ...] = (
-    "stable_rank",  # ||M||_F^2 / sigma_1^2, in [1, rank]; falls before a "singularity"
-    "sigma_max",  # sigma_1 of the matrix view, from warm-started power iteration
-    "sje",  # stable Jacobian energy: gradient energy in the top-k singular subspace, [0, 1]
-    "ntk_eig",  # lambda_max of the per-layer cosine NTK over a probe of n samples, [1, n]
-    "grad_norm",  # ||G||_F
-    "param_norm",  # ||W||_F
-    "update_ratio",  # ||W_after - W_before||_F / ||W_before||_F of the optimizer step
-    "lr",  # learning rate the optimizer applied: group lr x trust ratio (LARS/LAMB/TVLARS)
-    "lr_effective",  # measured ||W_after - W_before||_F / ||G||_F
-)
+METRIC_KEYS: tuple[str, ...] = (STABLE_RANK, SIGMA_MAX, SJE, NTK_EIG, GRAD_NORM, PARAM_NORM,
+                                UPDATE_RATIO, LR, LR_EFFECTIVE)
 
 #: Metrics that need a matrix view (ndim >= 2, SPEC 1).
-SPECTRAL_KEYS: frozenset[str] = frozenset({"stable_rank", "sigma_max", "sje", "ntk_eig"})
+SPECTRAL_KEYS: frozenset[str] = frozenset({STABLE_RANK, SIGMA_MAX, SJE, NTK_EIG})
 
 # Global tags (``<group>/<name>``).
 TAG_LOSS = "train/loss"
@@ -46,7 +48,9 @@ TAG_NONFINITE_WEIGHT = "health/nonfinite_weight"  # count of non-finite weight e
 TAG_METRIC_FAILURES = "health/metric_failures"  # number of (layer, metric) failures this step
 TAG_FAILURE_TEXT = "health/failures"  # text: "metric/layer: reason" lines for this step
 TAG_UNSUPPORTED = "health/unsupported"  # text, once per layer: a metric it structurally lacks
-TAG_NTK_PROBE = "ntk/probe_size"  # n of the NTK probe (ntk_eig lies in [1, n])
+TAG_SIGMA_UNCONVERGED = "health/sigma_unconverged"  # layers whose sigma_max missed power_tol
+#                        this step (not logged; the failure text gives estimate and bound)
+TAG_NTK_PROBE = "ntk/probe_size"  # samples the NTK used this step (ntk_eig lies in [1, n])
 TAG_SJE_K_MAX = "config/sje_k_max"  # cap on k used by SJE (k = min(max(1, floor(SR)), cap))
 TAG_RUN_CONFIG = "config/monitor"  # text: the monitor configuration as JSON
 TAG_TOTAL_STEPS = "config/total_steps"  # optional, from the job: planned optimizer steps (ETA)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from monitor.config import MonitorConfig
-from monitor.hook import Monitor, watch
+from monitor.hook import Monitor, resolve_config, resolve_pss, watch
 from monitor.schema import PSSConfig
 
 
@@ -14,8 +14,8 @@ class WatchSettings:
     def __init__(self, logdir: str | None = None, every: int | None = None, *,
                  preset: str = "default", config: MonitorConfig | None = None,
                  pss: PSSConfig | bool | None = None) -> None:
-        if config is None:
-            config = MonitorConfig.preset(preset, every=50 if every is None else every)
+        config = resolve_config(every, preset, config, "WatchSettings")
+        pss = resolve_pss(pss, "WatchSettings")
         self.logdir, self.config, self.pss, self.every = logdir, config, pss, every
         self.monitor: Monitor | None = None
 

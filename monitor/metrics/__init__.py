@@ -15,7 +15,8 @@ from monitor.metrics import energy, norms, ntk, spectral, views
 from monitor.metrics.energy import sje
 from monitor.metrics.norms import (global_grad_norm, global_norm, lr_effective, nonfinite_count,
                                    tensor_norms, update_ratio)
-from monitor.metrics.ntk import NTKCapture, cosine_top_eig
+from monitor.metrics.ntk import cosine_top_eig
+from monitor.metrics.ntk_capture import NTKCapture
 from monitor.metrics.spectral import PowerResult, power_sigma_max, stable_rank, top_k_svd
 from monitor.metrics.views import has_matrix_view, layer_kinds, matrix_view
 

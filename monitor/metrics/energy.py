@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from monitor.metrics.spectral import power_sigma_max, stable_rank, top_k_svd
+from monitor.metrics.spectral import k_of_stable_rank, power_sigma_max, stable_rank, top_k_svd
 
 #: power iterations of the randomized top-k SVD (matrices with min(m, n) > 512 only). On a
 #: 600 x 700 matrix with spectrum logspace(0, -3) (k = 43, a 1.2% gap after sigma_k) the SJE
@@ -23,18 +23,15 @@ from monitor.metrics.spectral import power_sigma_max, stable_rank, top_k_svd
 SJE_NITER = 6
 
 
-def sje_k(sr: float, k_max: int, rank_bound: int) -> int:
-    """The cutoff ``min(max(1, floor(SR)), k_max, min(m, n))``."""
-    return max(1, min(int(math.floor(sr + 1e-6)), k_max, rank_bound))
-
-
 def sje(M: torch.Tensor, G: torch.Tensor, *, k_max: int = 64,
-        sigma: float | None = None) -> tuple[float, int]:
+        sigma: float | None = None, sr: float | None = None) -> tuple[float, int]:
     """SJE of gradient ``G`` for weight ``M`` (both matrix views of the same shape).
 
     Returns ``(value, k)``; ``k`` is the cutoff used, which is below ``floor(SR)`` when capped
     at ``k_max`` (log it). ``sigma`` is sigma_1(M) when the caller has it (power iteration);
-    otherwise it is computed. The value is clipped to at most 1 (rounding).
+    otherwise it is computed. ``sr`` is the stable rank the caller logged: pass it so that k
+    is the one of the logged value (k from :func:`monitor.metrics.spectral.k_of_stable_rank`).
+    The value is clipped to at most 1 (rounding).
 
     Raises ValueError when the gradient is zero (SJE is 0/0), has non-finite entries, or when
     M has no positive finite sigma_1: the caller records the metric as failed.
@@ -51,9 +48,9 @@ def sje(M: torch.Tensor, G: torch.Tensor, *, k_max: int = 64,
         raise ValueError("SJE undefined: the gradient has non-finite entries")
     if g2 == 0.0:
         raise ValueError("SJE undefined: the gradient is zero")
-    if sigma is None:
-        sigma = power_sigma_max(M).sigma
-    k = sje_k(stable_rank(M, sigma), k_max, min(M.shape))
+    if sr is None:
+        sr = stable_rank(M, power_sigma_max(M).sigma if sigma is None else sigma)
+    k = k_of_stable_rank(sr, min(M.shape), k_max)
     U, _, V = top_k_svd(M, k, niter=SJE_NITER)
     projected = U.t() @ G @ V  # (k, k)
     value = float(projected.pow(2).sum().item()) / g2

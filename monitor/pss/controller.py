@@ -159,8 +159,8 @@ class PSSController:
             except Exception as err:
                 lines.append(f"- {name}: not smoothed ({err})")
                 continue
-            for key in ("sr_before", "sr_after", "sigma_before", "sigma_after", "k"):
-                result.scalars[layer_tag(f"pss_{key}", name)] = info[key]
+            for key in schema.PSS_LAYER_METRICS:  # pss_sr_before, ...: info's keys after "pss_"
+                result.scalars[layer_tag(key, name)] = info[key.removeprefix("pss_")]
             lines.append(f"- {name}: k={int(info['k'])}, sigma {info['sigma_before']:.4g} -> "
                          f"{info['sigma_after']:.4g}, SR {info['sr_before']:.3g} -> {info['sr_after']:.3g}")
         ms = 1000 * (time.perf_counter() - start)

@@ -93,7 +93,7 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
 def default_k(M: torch.Tensor, sigma_max: float) -> int:
     """``max(1, floor(stable rank))``, at most ``min(M.shape)``."""
     sr = spectral.stable_rank(M, sigma_max) if sigma_max > 0 else 1.0
-    return max(1, min(int(math.floor(sr + 1e-9)), min(M.shape)))
+    return spectral.k_of_stable_rank(sr, min(M.shape))
 
 
 def weight_from_matrix(M: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
