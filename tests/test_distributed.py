@@ -237,3 +237,32 @@ def test_lightning_ddp_two_processes_through_the_callback(tmp_path, monkeypatch)
     assert logged[schema.TAG_PSS_INTERVENTION][5] == 1.0
     assert "ntk_eig/net.2.weight" in logged and "sje/net.0.weight" in logged
     assert len([f for f in os.listdir(tmp_path) if "tfevents" in f]) == 1  # rank 0's only
+
+
+def test_owned_sigma_not_converged_is_recorded_as_failed_not_logged():
+    """A layer's owner computes sigma_max with the single-process method: when it does not
+    converge, the layer's sigma_max / SR are a failure for the step (as in one process), and
+    SJE, which needs sigma, is skipped."""
+    from types import SimpleNamespace
+
+    from monitor import MonitorConfig
+    from monitor.collectors import Spectral, StepContext, Target
+    from monitor.distributed import REPLICATED
+    from monitor.hook import StepRecord
+
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(120, 100))  # flat top spectrum: 2 steps do not converge
+    config = MonitorConfig.preset("full", every=1, power_iters=2)
+    t = Target("w", W, "linear", True, REPLICATED, "", owner=0)
+    spectral = Spectral(SimpleNamespace(config=config, rank=0))
+    ctx = StepContext(0, StepRecord(0), StepRecord(0), weight_sq={"w": float(W.pow(2).sum())})
+    spectral._owned(ctx, t, W.detach())
+    assert "w" not in ctx.sigma and not ctx.own.scalars
+    assert len(ctx.own.failures) == 1 and ctx.own.failures[0].startswith("stable_rank/w: ")
+    assert "raise power_iters" in ctx.own.failures[0]
+    assert t.v is not None  # the next logged step goes on from the last iterate
+    config = MonitorConfig.preset("full", every=1)  # converged: logged
+    spectral = Spectral(SimpleNamespace(config=config, rank=0))
+    spectral._owned(ctx, t, W.detach())
+    exact = float(torch.linalg.svdvals(W.detach().double())[0])
+    assert math.isclose(ctx.sigma["w"], exact, rel_tol=5e-3)
