@@ -37,6 +37,7 @@ from monitor.config import MonitorConfig
 from monitor.integrations.distributed import InactiveMonitor, rank_and_world_size, unwrap_model
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk import NTKCapture
+from monitor.preclip import global_norm_tags, make_tap, pre_clip_norms
 from monitor.schema import PSSConfig, layer_tag
 from monitor.writer import EventWriter, default_layout
 
@@ -108,6 +109,8 @@ class Monitor:
                                n=config.ntk_probe,
                                max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
+        self._preclip = make_tap(self)  # gradient norms before the user's clipping
+        self._pre_norms: dict[str, float] = {}
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
@@ -159,6 +162,8 @@ class Monitor:
         atexit.unregister(self._at_exit)
         for handle in self._hooks:
             handle.remove()
+        if self._preclip is not None:
+            self._preclip.remove()
         self._ntk.disarm()
         self._flush_record()
         self._write_run_file(state)
@@ -246,10 +251,11 @@ class Monitor:
         with_grad = [l for l in self.layers if l.param.grad is not None]
         grads = [l.param.grad for l in with_grad]
         gnorms = norms.tensor_norms(grads)
-        self._grad_norms = dict(zip((l.name for l in with_grad), gnorms))
-        for name, value in self._grad_norms.items():
+        self._grad_norms = dict(zip((l.name for l in with_grad), gnorms))  # applied
+        self._pre_norms = pre_clip_norms(self._preclip, with_grad, gnorms)
+        for name, value in self._pre_norms.items():
             record.scalars[layer_tag("grad_norm", name)] = value
-        record.scalars[schema.TAG_GLOBAL_GRAD_NORM] = norms.global_norm(gnorms)
+        record.scalars.update(global_norm_tags(self._pre_norms.values(), gnorms))
         record.scalars[schema.TAG_NONFINITE_GRAD] = float(norms.nonfinite_count(grads))
         record.scalars[schema.TAG_NONFINITE_WEIGHT] = float(
             norms.nonfinite_count([l.param for l in self.layers]))
@@ -323,20 +329,19 @@ class Monitor:
                 record.scalars[layer_tag("lr_effective", name)] = delta / gnorm
 
     def _pss_step(self, t: int, record: StepRecord | None) -> StepRecord | None:
-        grads = [l.param.grad for l in self.layers if l.param.grad is not None]
-        if record is not None:
+        if record is not None:  # the norms before the user's clipping (monitor/preclip.py)
             global_norm = record.scalars[schema.TAG_GLOBAL_GRAD_NORM]
-            layer_norms = self._grad_norms
+            layer_norms = self._pre_norms
         else:
-            gnorms = norms.tensor_norms(grads) if self._pss.wants_layer_norms else None
-            global_norm = norms.global_norm(gnorms) if gnorms else norms.global_grad_norm(grads)
-            layer_norms = (dict(zip((l.name for l in self.layers if l.param.grad is not None),
-                                    gnorms)) if gnorms else None)
+            with_grad = [l for l in self.layers if l.param.grad is not None]
+            layer_norms = pre_clip_norms(self._preclip, with_grad,
+                                         norms.tensor_norms([l.param.grad for l in with_grad]))
+            global_norm = norms.global_norm(layer_norms.values())
         result = self._pss.before_step(t, global_norm, layer_norms)
         if result.force_log and record is None:
             record = StepRecord(t)
             record.scalars[schema.TAG_GLOBAL_GRAD_NORM] = global_norm
-            self._grad_norms = layer_norms or {}
+            self._pre_norms, self._grad_norms = layer_norms, {}
         if record is not None:
             record.scalars.update(result.scalars)
             record.texts.update(result.texts)

@@ -38,9 +38,14 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
                        temperature: float | None = None, c: float | None = None) -> torch.Tensor:
     """``f(s)`` for the top-k singular values ``s`` (descending), per SPEC 3.
 
-    - ``conv``: moving average over ``window`` values with half-sample-symmetric edges
-      (``s_{-1} = s_0``, ``s_k = s_{k-1}``, ...). The averaging matrix is then doubly
-      stochastic, so the sum is kept, the result stays non-increasing and ``f_0 <= σ1``.
+    - ``conv``: moving average over ``2h + 1`` values, ``h = min(window // 2, k - 1)``, with
+      half-sample-symmetric edges (``s_{-j} = s_{j-1}``, ``s_{k-1+j} = s_{k-j}``). The
+      averaging matrix is doubly stochastic, so the sum is kept and ``f_0 <= σ1``. It stays
+      non-increasing because ``h <= k - 1``: moving the window from i to i + 1 drops the
+      value at index ``i - h`` (reflected: ``h - i - 1``) and adds the one at ``i + h + 1``
+      (reflected: ``2k - i - h - 2``); the dropped index is never the larger, so the dropped
+      value is never the smaller (``h - i - 1 <= 2k - i - h - 2`` iff ``h <= k - 1/2``).
+      A wider window would reflect twice: ``[10, 5]`` with window 5 would give ``[7, 8]``.
     - ``softmax``: ``sum(s) · softmax(s / T)``; ``T`` defaults to ``σ1`` and is raised to
       ``σ1`` when smaller (a lower temperature would sharpen: ``f_0`` could exceed ``σ1``).
       Keeps the sum; largest / smallest <= e.
@@ -61,7 +66,9 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
     if method == "conv":
         if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
             raise ValueError(f"conv window={window!r}: expected an odd integer >= 1")
-        h = min(window // 2, k)  # half-sample symmetry needs h <= k
+        # h <= k - 1: the reflection never reaches past the far edge; with h = k a window
+        # near the top would see the bottom's reflection and the result could increase
+        h = min(window // 2, k - 1)
         idx = torch.arange(-h, k + h)
         idx = torch.where(idx < 0, -idx - 1, idx)
         idx = torch.where(idx >= k, 2 * k - 1 - idx, idx)

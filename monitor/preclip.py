@@ -1,0 +1,124 @@
+"""Gradient norms before the user's clipping (SPEC section 3, "Detection"; issue 11).
+
+The optimizer's step pre-hook sees the gradients the optimizer will apply: after
+``clip_grad_norm_`` (or value clipping, AGC, ...) has run. A spike is then invisible to
+PSS's detection, which compares the norm with its running average: clipped to 1.0, a
+100x spike reads as a norm of 1.0. So the monitor taps each gradient where autograd
+finishes writing it, before any user code can touch it:
+
+``Tensor.register_post_accumulate_grad_hook`` runs after a backward pass has accumulated
+into ``param.grad``. The hook stores ``‖param.grad‖_F`` as a 0-d tensor on the gradient's
+device (no host synchronisation); with gradient accumulation the last backward before
+the step overwrites the earlier ones, so what is read at the step is the norm of the final
+accumulated gradient. :meth:`PreClipNorms.take` returns the stored norms of the step and
+forgets them, in one host transfer per device.
+
+Cost: one norm kernel per parameter per backward pass (a read of the gradient, small
+beside the backward that wrote it), and one Python call per parameter per backward pass
+also when the norms are not wanted (the hook returns at once); measured in
+``benchmarks/results/pss.md`` ("Cost of the pre-clip tap").
+
+Limits, stated: under fp16 loss scaling (``torch.amp.GradScaler``) the accumulated
+gradient is the *scaled* one, so the pre-clip norms carry the loss scale (the detection
+ratio is unaffected while the scale stays constant; ``train/grad_norm`` is off by it). In
+a ``torch.distributed`` job the hook sees the local gradient before the all-reduce, so the
+monitor does not tap there (the ranks' norms would disagree).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from monitor import schema
+from monitor.metrics import norms
+
+
+class PreClipNorms:
+    """Per-parameter gradient norms as accumulated by autograd, before any clipping.
+
+    Args:
+        params: the tensors to tap (those without ``requires_grad`` are skipped).
+        wanted: called with no argument in the hook; False skips the norm (steps that
+            neither log nor run PSS pay only the Python call).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], wanted: Callable[[], bool]) -> None:
+        self._wanted = wanted
+        self._norms: dict[int, torch.Tensor] = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._record)
+                         for p in params if p.requires_grad]
+
+    def _record(self, param: torch.Tensor) -> None:
+        if param.grad is not None and self._wanted():
+            # detach: the norm must not join any graph (create_graph backward passes)
+            self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
+
+    def take(self, params: Sequence[torch.Tensor]) -> list[float | None]:
+        """The norms recorded for ``params`` since the last call (None: not recorded)."""
+        found = [(i, self._norms[id(p)]) for i, p in enumerate(params) if id(p) in self._norms]
+        self._norms.clear()
+        out: list[float | None] = [None] * len(params)
+        for (i, _), value in zip(found, norms._to_floats([v for _, v in found])):
+            out[i] = value
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._norms.clear()
+
+
+# ---------------------------------------------------------------- what the hook calls
+def make_tap(mon) -> PreClipNorms | None:
+    """The tap of a :class:`monitor.hook.Monitor`: norms are taken on the steps it logs or,
+    with PSS on, on every step. None in a distributed job (see the module docstring)."""
+    from monitor.integrations.distributed import rank_and_world_size
+
+    if rank_and_world_size()[1] > 1:
+        return None
+    return PreClipNorms([l.param for l in mon.layers],
+                        lambda: mon._pss is not None or mon.config.logs(mon.step))
+
+
+def pre_clip_norms(tap: PreClipNorms | None, layers, applied: Sequence[float] | None = None) -> dict[str, float]:
+    """``{layer name: ‖G‖_F before clipping}`` for ``layers`` (each with a gradient).
+
+    A layer the tap did not record (a gradient set by hand, no tap) gets its current norm:
+    ``applied`` when given, else computed. A uniform exact power-of-two ratio between the
+    recorded and the current norms is fp16 loss scaling undone by ``GradScaler.unscale_``
+    (multiplying by ``2^-k`` is exact), not clipping: the current norms are then the true ones.
+    """
+    recorded = tap.take([l.param for l in layers]) if tap is not None else [None] * len(layers)
+    if applied is None:
+        missing = [i for i, r in enumerate(recorded) if r is None]
+        computed = norms.tensor_norms([layers[i].param.grad for i in missing])
+        current: list[float | None] = [None] * len(layers)
+        for i, value in zip(missing, computed):
+            current[i] = value
+    else:
+        current = list(applied)
+    out = [r if r is not None else c for r, c in zip(recorded, current)]
+    if applied is not None and _loss_scaled(out, applied):
+        out = list(applied)
+    return {l.name: float(v) for l, v in zip(layers, out)}
+
+
+def _loss_scaled(pre: Sequence[float], applied: Sequence[float]) -> bool:
+    pre_g, app_g = norms.global_norm(pre), norms.global_norm(applied)
+    if not (app_g > 0 and math.isfinite(pre_g) and pre_g > app_g * 1.5):
+        return False
+    ratio = pre_g / app_g
+    return abs(math.log2(ratio) - round(math.log2(ratio))) < 1e-5
+
+
+def global_norm_tags(pre: Iterable[float], applied: Sequence[float]) -> dict[str, float]:
+    """``train/grad_norm`` before clipping; ``train/grad_norm_applied`` when it differs."""
+    pre_g, app_g = norms.global_norm(pre), norms.global_norm(applied)
+    out = {schema.TAG_GLOBAL_GRAD_NORM: pre_g}
+    if not math.isclose(pre_g, app_g, rel_tol=1e-5, abs_tol=1e-12):
+        out[schema.TAG_GLOBAL_GRAD_NORM_APPLIED] = app_g
+    return out
