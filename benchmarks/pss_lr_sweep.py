@@ -72,17 +72,8 @@ def key(spec: RunSpec) -> str:
 
 
 def run_job(specs: list[RunSpec]) -> list[tuple[str, dict]]:
-    """Run specs in order; a ``random`` spec with n_random = -1 takes the preceding pss count."""
     torch.set_num_threads(1)
-    out, fired = [], 0
-    for spec in specs:
-        if spec.arm == "random" and spec.n_random < 0:
-            spec = replace(spec, n_random=fired)
-        s = summarise(train(spec))
-        if spec.arm == "pss":
-            fired = len(s["fired"])
-        out.append((key(spec), s))
-    return out
+    return [(key(spec), summarise(train(spec))) for spec in specs]
 
 
 class Store:
@@ -102,27 +93,30 @@ class Store:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps([k, v]) + "\n")
 
-    def run(self, jobs: list[list[RunSpec]], workers: int) -> None:
-        todo = [j for j in jobs if not all(self._has(s) for s in j)]
-        print(f"{len(todo)} job(s) to run ({len(jobs) - len(todo)} cached)", flush=True)
-        start = time.time()
-        if workers <= 1:
-            results = map(run_job, todo)
-        else:
-            pool = get_context("fork").Pool(workers)
-            results = pool.imap_unordered(run_job, todo)
-        for i, done in enumerate(results):
-            for k, v in done:
-                self.add(k, v)
-            print(f"  job {i + 1}/{len(todo)} done, {time.time() - start:.0f} s", flush=True)
-        if workers > 1:
-            pool.close()
-
-    def _has(self, spec: RunSpec) -> bool:
-        if spec.arm == "random" and spec.n_random < 0:
-            return any(v["arm"] == "random" and v["lr"] == spec.lr and v["seed"] == spec.seed
-                       and v["fault"] == spec.fault_step for v in self.runs.values())
-        return key(spec) in self.runs
+    def run(self, jobs: list[list[RunSpec]], workers: int, deadline: float = math.inf,
+            on_done=None) -> None:
+        """Run the jobs not cached, in order; none starts after ``deadline`` (time.time())."""
+        todo = iter([j for j in jobs if not all(key(s) in self.runs for s in j)])
+        start, n, pending = time.time(), 0, []
+        with get_context("fork").Pool(workers) as pool:
+            while True:
+                while len(pending) < workers and time.time() < deadline:
+                    job = next(todo, None)
+                    if job is None:
+                        break
+                    pending.append(pool.apply_async(run_job, (job,)))
+                if not pending:
+                    break
+                while not any(p.ready() for p in pending):
+                    time.sleep(0.5)
+                for p in [p for p in pending if p.ready()]:
+                    pending.remove(p)
+                    for k, v in p.get():
+                        self.add(k, v)
+                    n += 1
+                    print(f"  job {n} done, {time.time() - start:.0f} s", flush=True)
+                    if on_done:
+                        on_done()
 
     def get(self, arm: str, lr: float, seed: int, fault: int | None = None) -> dict | None:
         for v in self.runs.values():
@@ -133,7 +127,7 @@ class Store:
 
 def arm_spec(arm: str, lr: float, seed: int, setup: Setup, **kw) -> RunSpec:
     pss = PSS_ALT if arm == "pss_alt" else (PSS_DEFAULT if arm in ("pss", "random") else None)
-    return RunSpec(arm, lr, seed, setup, pss=pss, n_random=-1 if arm == "random" else 0, **kw)
+    return RunSpec(arm, lr, seed, setup, pss=pss, **kw)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -194,35 +188,65 @@ def phase0_report(store: Store, setup: Setup, lrs: tuple[float, ...]) -> tuple[f
     return best[1], text
 
 
+def _runs(store: Store, arm: str, lr: float, seeds) -> list[dict]:
+    return [v for v in (store.get(arm, lr, s) for s in seeds) if v is not None]
+
+
 def phase1_tables(store: Store, eta: float, arms: tuple[str, ...], mults, seeds):
+    """Validation-loss table, pooled explosions with Fisher p, usable LR (runs present only)."""
     rows, stats = [], {}
-    base = min(mean([store.get("none", eta * m, s)["val"] for s in seeds]) for m in mults)
+    base = min((mean([v["val"] for v in _runs(store, "none", eta * m, seeds)]) for m in mults),
+               key=lambda x: x if math.isfinite(x) else math.inf)
     for arm in arms:
         cells, pooled, usable = [], [0, 0], None
         for m in mults:
-            vs = [store.get(arm, eta * m, s) for s in seeds]
+            vs = _runs(store, arm, eta * m, seeds)
+            if not vs:
+                cells.append("not run")
+                continue
             n_exp = sum(exploded(v) for v in vs)
-            val = mean([v["val"] for v in vs if not exploded(v)])
-            cells.append(f"{fmt(val)} ({n_exp}/{len(vs)})")
+            cells.append(f"{fmt(mean([v['val'] for v in vs if not exploded(v)]))} ({n_exp}/{len(vs)})")
             if m >= 2:
                 pooled[0] += n_exp
                 pooled[1] += len(vs)
-            if n_exp == 0 and mean([v["val"] for v in vs]) <= base + 0.05:
+            if n_exp == 0 and len(vs) == len(seeds) and mean([v["val"] for v in vs]) <= base + 0.05:
                 usable = m
         stats[arm] = {"pooled": pooled, "usable": usable}
         rows.append([arm, *cells])
     none = stats["none"]["pooled"]
-    for arm in arms:
-        p = stats[arm]["pooled"]
-        stats[arm]["p_vs_none"] = fisher(p[0], p[1], none[0], none[1])
     rnd = stats.get("random", {}).get("pooled")
-    table = md_table(["arm", *[f"{m} eta*" for m in mults]], rows)
-    rows2 = [[arm, f"{st['pooled'][0]}/{st['pooled'][1]}", fmt(st["p_vs_none"]),
-              fmt(fisher(*st["pooled"], *rnd)) if rnd and arm.startswith("pss") else "",
-              f"{st['usable']} eta*" if st["usable"] else "none"] for arm, st in stats.items()]
+    rows2 = []
+    for arm, st in stats.items():
+        p = st["pooled"]
+        vs_none = fmt(fisher(*p, *none)) if p[1] and none[1] else "-"
+        vs_rnd = fmt(fisher(*p, *rnd)) if rnd and rnd[1] and p[1] and arm.startswith("pss") else ""
+        rows2.append([arm, f"{p[0]}/{p[1]}", vs_none, vs_rnd,
+                      f"{st['usable']} eta*" if st["usable"] else "none"])
+    table = md_table(["arm", *[f"{m:g} eta*" for m in mults]], rows)
     table2 = md_table(["arm", "explosions at >= 2 eta*", "Fisher p vs none",
                        "Fisher p vs random", "usable LR"], rows2)
     return table, table2, stats, base
+
+
+def paired_val(store: Store, eta: float, arms, mults, seeds) -> str:
+    """Validation loss minus `none`'s, paired by seed, with a paired t-test where n >= 2."""
+    from scipy.stats import ttest_rel
+    rows = []
+    for m in mults:
+        for arm in arms:
+            if arm == "none":
+                continue
+            pairs = [(store.get(arm, eta * m, s), store.get("none", eta * m, s)) for s in seeds]
+            pairs = [(a["val"], b["val"]) for a, b in pairs if a and b
+                     and math.isfinite(a["val"]) and math.isfinite(b["val"])]
+            if not pairs:
+                continue
+            d = [a - b for a, b in pairs]
+            p = float(ttest_rel([a for a, _ in pairs], [b for _, b in pairs])[1]) if len(d) >= 2 else math.nan
+            rows.append([f"{m:g} eta*", arm, len(d), f"{mean(d):+.3f}",
+                         f"{min(d):+.3f} .. {max(d):+.3f}", fmt(p)])
+    return md_table(["LR", "arm", "seeds", "mean val loss - none", "range over seeds",
+                     "paired t-test p"], rows)
 
 
 def pss_stats(store: Store, eta: float, mults, seeds) -> str:
@@ -323,44 +347,45 @@ def _update_rms(model, before) -> float:
 
 
 # ---------------------------------------------------------------------------- main
-TIERS = (("none", "clip", "pss", "random", "qkln"), ("zclip", "msign", "adagc", "pss_alt"), ("spam",))
+#: the order runs are made in: arms by priority within LRs by priority, so that a run cut
+#: short by its time budget (--budget-min) has the most informative comparisons first
+ARM_PRIORITY = ("none", "pss", "clip", "random", "qkln", "zclip", "pss_alt", "msign", "adagc", "spam")
+MULT_PRIORITY = (16, 1, 4, 8, 2)
 
 
-def phase1_jobs(arms, eta, mults, seeds, setup) -> list[list[RunSpec]]:
-    """One job per (LR, seed): its arms in order (random after pss, which sets its count)."""
-    order = [a for a in ARMS if a in arms]
-    if "random" in order and "pss" not in order:
-        order.insert(order.index("random"), "pss")  # cached: only its count is read
-    return [[arm_spec(a, eta * m, s, setup) for a in order] for m in mults for s in seeds]
+def phase1_plan(arms, eta, mults, seeds, setup) -> list[RunSpec]:
+    order_m = [m for m in MULT_PRIORITY if m in mults] + [m for m in mults if m not in MULT_PRIORITY]
+    return [arm_spec(a, eta * m, s, setup) for m in order_m
+            for a in ARM_PRIORITY if a in arms for s in seeds]
 
 
-def report(store: Store, args, setup: Setup, eta: float, text0: str, arms: list[str],
-           elapsed: float, extra: str) -> None:
-    mults, seeds = args.mults, args.seeds
+def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: float, extra: str) -> None:
+    mults, seeds, arms = args.mults, args.seeds, args.arms
     table, table2, stats, base = phase1_tables(store, eta, tuple(arms), mults, seeds)
     body = [_intro(args, setup), text0, "## Phase 1: validation loss (explosions / seeds)\n",
             "Mean validation loss of the runs that did not explode; in brackets the runs that "
             "exploded. eta* = " + f"{eta:.4g}; best `none` validation loss {base:.3f}.\n", table,
             "\n### Explosions pooled over LRs >= 2 eta*, and the usable LR\n",
             "Usable LR: the largest tested LR with no explosion in any seed and mean validation "
-            "loss within 0.05 of the best `none` run.\n", table2,
+            "loss within 0.05 of the best `none` run. Fisher's exact test, two-sided.\n", table2,
+            "\n### Validation loss against `none`, paired by seed\n",
+            paired_val(store, eta, arms, mults, seeds),
             "\n### The explosions of the unprotected runs (`none`)\n",
             "Surge: the largest gradient norm from 5 steps before to 20 after the onset, over "
             "the median of the 100 steps before. Lead: steps from the first trigger of the PSS "
             "detector (defaults, replayed on the run's pre-clip gradient norms) in the 100 steps "
-            "before the onset (negative: after it).\n", explosion_anatomy(store, eta, mults, seeds)]
-    if "pss" in arms:
-        body += ["\n### What PSS did\n", pss_stats(store, eta, mults, seeds)]
-    body += [extra, f"\nWall time of this run: {elapsed / 60:.1f} min ({args.workers} processes, "
-             "1 torch thread each, on a machine shared with other jobs).\n"]
+            "before the onset (negative: after it).\n", explosion_anatomy(store, eta, mults, seeds),
+            "\n### What PSS did\n", pss_stats(store, eta, mults, seeds),
+            extra, f"\nWall time of this run: {elapsed / 60:.1f} min ({args.workers} processes, "
+            "1 torch thread each, on a machine shared with other jobs).\n"]
     write_results(args.out, "PSS on trial: large learning rates, spikes and the interventions "
                   "people use", "\n".join(body))
 
 
 def _intro(args, setup: Setup) -> str:
-    return ("Protocol of issue 11 (see the script's docstring). Arms: " + ", ".join(
-        f"`{a}`" for a in ARMS) + " (defined in `benchmarks/pss_testbed.py`); `pss` is "
-        f"`PSSConfig()` (tau 2.5, alpha 0.1, warm-up 100, conv window 3, k_min 2); `pss_alt` is "
+    return ("Protocol of issue 11 (see the script's docstring). Arms run: " + ", ".join(
+        f"`{a}`" for a in args.arms) + " (defined in `benchmarks/pss_testbed.py`); `pss` is "
+        "`PSSConfig()` (tau 2.5, alpha 0.1, warm-up 100, conv window 3, k_min 2); `pss_alt` is "
         f"`PSSConfig(method=\"clip\")`. Seeds {list(args.seeds)}; LRs eta* x {list(args.mults)}.\n")
 
 
@@ -368,20 +393,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--tiers", type=int, default=len(TIERS), help="how many arm tiers to run")
-    parser.add_argument("--cache", default=None, help="JSON-lines cache of finished runs")
-    parser.add_argument("--out", default=RESULTS)
-    parser.add_argument("--phase0-only", action="store_true", help="stop after phase 0")
+    parser.add_argument("--arms", nargs="+", default=list(ARM_PRIORITY), choices=ARMS)
     parser.add_argument("--mults", type=float, nargs="+", default=None,
                         help="phase 1 LRs as multiples of eta* (default 1 2 4 8 16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="stop starting phase-1 runs after this many minutes (reduced run)")
+    parser.add_argument("--cache", default=None, help="JSON-lines cache of finished runs")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--phase0-only", action="store_true", help="stop after phase 0")
     args = parser.parse_args(argv)
     setup = Setup(steps=60, warmup=5, val_batches=2) if args.quick else Setup()
     lrs = (2.0 ** -8, 2.0 ** -6) if args.quick else PHASE0_LRS
-    args.mults = tuple(args.mults or ((1, 8) if args.quick else MULTS))
+    args.mults = tuple(int(m) if float(m).is_integer() else m
+                       for m in (args.mults or ((1, 8) if args.quick else MULTS)))
     args.seeds = tuple(args.seeds or ((0,) if args.quick else SEEDS))
     global FAULT_STEP, PSS_DEFAULT, PSS_ALT
-    if args.quick:  # short runs: arm PSS's detection after 20 steps
+    if args.quick:  # short runs: arm PSS's detection after 10 steps
         FAULT_STEP = 30
         PSS_DEFAULT, PSS_ALT = PSSConfig(warmup_steps=10), PSSConfig(method="clip", warmup_steps=10)
     store = Store(args.cache)
@@ -391,20 +419,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase0_only:
         write_results(args.out, "PSS on trial: phase 0 only", text0)
         return
-    arms: list[str] = []
-    for tier in TIERS[:args.tiers]:
-        arms += tier
-        store.run(phase1_jobs(tier, eta, args.mults, args.seeds, setup), args.workers)
-        report(store, args, setup, eta, text0, arms, time.time() - start, "")
-    rec = [[replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)]
-           for a in RECOVERY_ARMS for s in args.seeds[:2]]
-    store.run(rec, args.workers)
+    deadline = start + 60 * args.budget_min if args.budget_min else math.inf
+    plan = phase1_plan([a for a in args.arms if a != "random"], eta, args.mults, args.seeds, setup)
+    rec = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)
+           for a in RECOVERY_ARMS if a in args.arms for s in args.seeds[:2]]
+    on_done = lambda: report(store, args, setup, eta, text0, time.time() - start, "")  # noqa: E731
+    store.run([[sp] for sp in plan], args.workers, deadline, on_done)
+    if "random" in args.arms:  # as many random interventions as pss made in the same run
+        randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
+                   for sp in plan if sp.arm == "pss" and key(sp) in store.runs]
+        store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
+    store.run([[sp] for sp in rec], args.workers, deadline, on_done)
     extra = ("\n## Recovery from an injected fault\n\nAt step " + f"{FAULT_STEP}, LR eta*, every "
              f"block matrix gets a rank-one spike `{FAULT_SCALE} ||W||_F u vᵀ`; excess over the "
              "same arm and seed without the fault.\n\n" + recovery(store, eta, args.seeds[:2])
              + "\n## Resetting optimizer state (`reset_optimizer_state`)\n\nAdam's next update "
              "after 300 steps at eta*, per entry, in units of lr:\n\n" + reset_measurement(eta, setup))
-    report(store, args, setup, eta, text0, arms, time.time() - start, extra)
+    report(store, args, setup, eta, text0, time.time() - start, extra)
 
 
 if __name__ == "__main__":
