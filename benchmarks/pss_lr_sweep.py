@@ -52,7 +52,7 @@ SEEDS = (0, 1, 2)
 PSS_DEFAULT = PSSConfig()
 PSS_ALT = PSSConfig(method="clip")  # the "best" PSS setting (chosen in --select, see results)
 FAULT_STEP, FAULT_SCALE = 500, 1.0
-RECOVERY_ARMS = ("none", "clip", "zclip", "pss", "pss_alt")
+RECOVERY_ARMS = ("none", "pss", "clip", "zclip", "pss_alt")
 
 
 # ---------------------------------------------------------------------------- running
@@ -350,13 +350,21 @@ def _update_rms(model, before) -> float:
 #: the order runs are made in: arms by priority within LRs by priority, so that a run cut
 #: short by its time budget (--budget-min) has the most informative comparisons first
 ARM_PRIORITY = ("none", "pss", "clip", "random", "qkln", "zclip", "pss_alt", "msign", "adagc", "spam")
+CORE_ARMS = ("none", "pss", "clip", "random", "qkln")
 MULT_PRIORITY = (16, 1, 4, 8, 2)
 
 
-def phase1_plan(arms, eta, mults, seeds, setup) -> list[RunSpec]:
+def stages(arms, mults) -> list[tuple[str, float | None, tuple[str, ...]]]:
+    """``(kind, mult, arms)`` in the order they run: the core arms at the highest and the
+    lowest LR, recovery, then the other arms and LRs. ``random`` follows ``pss`` at the
+    same LR (it needs pss's count)."""
     order_m = [m for m in MULT_PRIORITY if m in mults] + [m for m in mults if m not in MULT_PRIORITY]
-    return [arm_spec(a, eta * m, s, setup) for m in order_m
-            for a in ARM_PRIORITY if a in arms for s in seeds]
+    core = [a for a in ARM_PRIORITY if a in arms and a in CORE_ARMS]
+    rest = [a for a in ARM_PRIORITY if a in arms and a not in CORE_ARMS]
+    out = [("lr", m, tuple(core)) for m in order_m[:2]]
+    out.append(("recovery", None, tuple(a for a in RECOVERY_ARMS if a in arms)))
+    out += [("lr", m, tuple(rest)) for m in order_m[:2] if rest]
+    return out + [("lr", m, tuple(core + rest)) for m in order_m[2:]]
 
 
 def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: float, extra: str) -> None:
@@ -403,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--phase0-only", action="store_true", help="stop after phase 0")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     setup = Setup(steps=60, warmup=5, val_batches=2) if args.quick else Setup()
     lrs = (2.0 ** -8, 2.0 ** -6) if args.quick else PHASE0_LRS
     args.mults = tuple(int(m) if float(m).is_integer() else m
@@ -420,16 +429,18 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.out, "PSS on trial: phase 0 only", text0)
         return
     deadline = start + 60 * args.budget_min if args.budget_min else math.inf
-    plan = phase1_plan([a for a in args.arms if a != "random"], eta, args.mults, args.seeds, setup)
-    rec = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)
-           for a in RECOVERY_ARMS if a in args.arms for s in args.seeds[:2]]
     on_done = lambda: report(store, args, setup, eta, text0, time.time() - start, "")  # noqa: E731
-    store.run([[sp] for sp in plan], args.workers, deadline, on_done)
-    if "random" in args.arms:  # as many random interventions as pss made in the same run
-        randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
-                   for sp in plan if sp.arm == "pss" and key(sp) in store.runs]
-        store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
-    store.run([[sp] for sp in rec], args.workers, deadline, on_done)
+    for kind, m, arms in stages(args.arms, args.mults):
+        if kind == "recovery":
+            specs = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)
+                     for a in arms for s in args.seeds[:2]]
+        else:
+            specs = [arm_spec(a, eta * m, s, setup) for a in arms if a != "random" for s in args.seeds]
+        store.run([[sp] for sp in specs], args.workers, deadline, on_done)
+        if "random" in arms:  # as many random interventions as pss made in the same run
+            randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
+                       for sp in specs if sp.arm == "pss" and key(sp) in store.runs]
+            store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
     extra = ("\n## Recovery from an injected fault\n\nAt step " + f"{FAULT_STEP}, LR eta*, every "
              f"block matrix gets a rank-one spike `{FAULT_SCALE} ||W||_F u vᵀ`; excess over the "
              "same arm and seed without the fault.\n\n" + recovery(store, eta, args.seeds[:2])
