@@ -28,6 +28,7 @@ monitor does not tap there (the ranks' norms would disagree).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -45,16 +46,20 @@ class PreClipNorms:
             neither log nor run PSS pay only the Python call).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], wanted: Callable[[], bool]) -> None:
-        self._wanted = wanted
+    def __init__(self, params: Sequence[torch.Tensor], wanted: Callable[[], bool],
+                 spent: Callable[[float], None] | None = None) -> None:
+        self._wanted, self._spent = wanted, spent
         self._norms: dict[int, torch.Tensor] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._record)
                          for p in params if p.requires_grad]
 
     def _record(self, param: torch.Tensor) -> None:
         if param.grad is not None and self._wanted():
+            start = time.perf_counter()
             # detach: the norm must not join any graph (create_graph backward passes)
             self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
+            if self._spent is not None:  # the monitor's own time (monitor/seconds)
+                self._spent(time.perf_counter() - start)
 
     def take(self, params: Sequence[torch.Tensor]) -> list[float | None]:
         """The norms recorded for ``params`` since the last call (None: not recorded)."""
@@ -80,15 +85,18 @@ def make_tap(mon) -> PreClipNorms | None:
 
     if rank_and_world_size()[1] > 1:
         return None
+    def spent(seconds: float) -> None:
+        mon._busy += seconds
+
     return PreClipNorms([l.param for l in mon.layers],
-                        lambda: mon._pss is not None or mon.config.logs(mon.step))
+                        lambda: mon._pss is not None or mon.config.logs(mon.step), spent)
 
 
 def pre_clip_norms(tap: PreClipNorms | None, layers, applied: Sequence[float] | None = None) -> dict[str, float]:
     """``{layer name: ‖G‖_F before clipping}`` for ``layers`` (each with a gradient).
 
-    A layer the tap did not record (a gradient set by hand, no tap) gets its current norm:
-    ``applied`` when given, else computed. A uniform exact power-of-two ratio between the
+    A layer the tap did not record (a gradient set by hand, no tap), or whose current
+    gradient is not finite, gets its current norm: ``applied`` when given, else computed. A uniform exact power-of-two ratio between the
     recorded and the current norms is fp16 loss scaling undone by ``GradScaler.unscale_``
     (multiplying by ``2^-k`` is exact), not clipping: the current norms are then the true ones.
     """
@@ -101,7 +109,10 @@ def pre_clip_norms(tap: PreClipNorms | None, layers, applied: Sequence[float] | 
             current[i] = value
     else:
         current = list(applied)
-    out = [r if r is not None else c for r, c in zip(recorded, current)]
+    # a non-finite gradient the optimizer would apply wins (set after the backward, by user
+    # code or a communication hook): PSS must trigger on it and the logs must show it
+    out = [c if r is None or (c is not None and not math.isfinite(c)) else r
+           for r, c in zip(recorded, current)]
     if applied is not None and _loss_scaled(out, applied):
         out = list(applied)
     return {l.name: float(v) for l, v in zip(layers, out)}
