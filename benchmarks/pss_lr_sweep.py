@@ -52,7 +52,7 @@ SEEDS = (0, 1, 2)
 PSS_DEFAULT = PSSConfig()
 PSS_ALT = PSSConfig(method="clip")  # the "best" PSS setting (chosen in --select, see results)
 FAULT_STEP, FAULT_SCALE = 500, 1.0
-RECOVERY_ARMS = ("none", "pss", "clip", "zclip", "pss_alt")
+RECOVERY_ARMS = ("none", "pss", "clip")
 
 
 # ---------------------------------------------------------------------------- running
@@ -361,9 +361,14 @@ def stages(arms, mults) -> list[tuple[str, float | None, tuple[str, ...]]]:
     order_m = [m for m in MULT_PRIORITY if m in mults] + [m for m in mults if m not in MULT_PRIORITY]
     core = [a for a in ARM_PRIORITY if a in arms and a in CORE_ARMS]
     rest = [a for a in ARM_PRIORITY if a in arms and a not in CORE_ARMS]
-    out = [("lr", m, tuple(core)) for m in order_m[:2]]
+    second = [a for a in core if a != "qkln"]  # at the lowest LR the control comes later
+    out = [("lr", order_m[0], tuple(core))]
+    if len(order_m) > 1:
+        out.append(("lr", order_m[1], tuple(second)))
     out.append(("recovery", None, tuple(a for a in RECOVERY_ARMS if a in arms)))
-    out += [("lr", m, tuple(rest)) for m in order_m[:2] if rest]
+    out += [("lr", m, tuple(a for a in core + rest if (m, a) not in
+                            {(order_m[0], x) for x in core} | {(order_m[1], x) for x in second}))
+            for m in order_m[:2]]
     return out + [("lr", m, tuple(core + rest)) for m in order_m[2:]]
 
 
