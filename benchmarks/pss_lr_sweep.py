@@ -354,22 +354,22 @@ CORE_ARMS = ("none", "pss", "clip", "random", "qkln")
 MULT_PRIORITY = (16, 1, 4, 8, 2)
 
 
-def stages(arms, mults) -> list[tuple[str, float | None, tuple[str, ...]]]:
-    """``(kind, mult, arms)`` in the order they run: the core arms at the highest and the
-    lowest LR, recovery, then the other arms and LRs. ``random`` follows ``pss`` at the
-    same LR (it needs pss's count)."""
+def stages(arms, mults, seeds) -> list[tuple[str, float | None, tuple[str, ...], tuple[int, ...]]]:
+    """``(kind, mult, arms, seeds)`` in the order they run: the core arms at the highest LR;
+    at eta* the references of the recovery runs, and the recovery runs; then the rest. A
+    ``random`` run follows ``pss`` at the same LR and seed (it needs pss's count)."""
     order_m = [m for m in MULT_PRIORITY if m in mults] + [m for m in mults if m not in MULT_PRIORITY]
-    core = [a for a in ARM_PRIORITY if a in arms and a in CORE_ARMS]
-    rest = [a for a in ARM_PRIORITY if a in arms and a not in CORE_ARMS]
-    second = [a for a in core if a != "qkln"]  # at the lowest LR the control comes later
-    out = [("lr", order_m[0], tuple(core))]
-    if len(order_m) > 1:
-        out.append(("lr", order_m[1], tuple(second)))
-    out.append(("recovery", None, tuple(a for a in RECOVERY_ARMS if a in arms)))
-    out += [("lr", m, tuple(a for a in core + rest if (m, a) not in
-                            {(order_m[0], x) for x in core} | {(order_m[1], x) for x in second}))
-            for m in order_m[:2]]
-    return out + [("lr", m, tuple(core + rest)) for m in order_m[2:]]
+    core = tuple(a for a in ARM_PRIORITY if a in arms and a in CORE_ARMS)
+    rest = tuple(a for a in ARM_PRIORITY if a in arms and a not in CORE_ARMS)
+    rec = tuple(a for a in RECOVERY_ARMS if a in arms)
+    low = 1 if 1 in mults else order_m[-1]
+    out = [("lr", order_m[0], core, seeds)]
+    if low != order_m[0]:
+        out.append(("lr", low, rec, seeds[:2]))  # the undisturbed references
+    out.append(("recovery", None, rec, seeds[:2]))
+    out.append(("lr", order_m[0], rest, seeds))
+    others = [low] + [m for m in order_m[1:] if m != low]
+    return out + [("lr", m, core + rest, seeds) for m in others if m != order_m[0]]
 
 
 def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: float, extra: str) -> None:
@@ -435,12 +435,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     deadline = start + 60 * args.budget_min if args.budget_min else math.inf
     on_done = lambda: report(store, args, setup, eta, text0, time.time() - start, "")  # noqa: E731
-    for kind, m, arms in stages(args.arms, args.mults):
+    for kind, m, arms, seeds in stages(args.arms, args.mults, args.seeds):
         if kind == "recovery":
             specs = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)
-                     for a in arms for s in args.seeds[:2]]
+                     for a in arms for s in seeds]
         else:
-            specs = [arm_spec(a, eta * m, s, setup) for a in arms if a != "random" for s in args.seeds]
+            specs = [arm_spec(a, eta * m, s, setup) for a in arms if a != "random" for s in seeds]
         store.run([[sp] for sp in specs], args.workers, deadline, on_done)
         if "random" in arms:  # as many random interventions as pss made in the same run
             randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
