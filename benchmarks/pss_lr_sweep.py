@@ -449,17 +449,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     deadline = start + 60 * args.budget_min if args.budget_min else math.inf
     on_done = lambda: report(store, args, setup, eta, text0, time.time() - start, "")  # noqa: E731
+    randoms: list[RunSpec] = []  # run with the next stage (they wait for their pss run)
     for kind, m, arms, seeds in stages(args.arms, args.mults, args.seeds):
         if kind == "recovery":
             specs = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=FAULT_SCALE)
                      for a in arms for s in seeds]
         else:
             specs = [arm_spec(a, eta * m, s, setup) for a in arms if a != "random" for s in seeds]
-        store.run([[sp] for sp in specs], args.workers, deadline, on_done)
-        if "random" in arms:  # as many random interventions as pss made in the same run
-            randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
-                       for sp in specs if sp.arm == "pss" and key(sp) in store.runs]
-            store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
+        store.run([[sp] for sp in randoms + specs], args.workers, deadline, on_done)
+        # as many random interventions as pss made in the same (LR, seed)
+        randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
+                   for sp in specs if "random" in arms and sp.arm == "pss" and key(sp) in store.runs]
+    store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
     extra = ("\n## Recovery from an injected fault\n\nAt step " + f"{FAULT_STEP}, LR eta*, every "
              f"block matrix gets a rank-one spike `{FAULT_SCALE} ||W||_F u vᵀ`; excess over the "
              "same arm and seed without the fault.\n\n" + recovery(store, eta, args.seeds[:2])
