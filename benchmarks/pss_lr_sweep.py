@@ -240,47 +240,52 @@ def phase1_tables(store: Store, eta: float, arms: tuple[str, ...], mults, seeds)
 
 
 def paired_val(store: Store, eta: float, arms, mults, seeds) -> str:
-    """Validation loss minus `none`'s, paired by seed, with a paired t-test where n >= 2."""
+    """Validation loss minus the reference's (``none``; for PSS also ``random``), paired by
+    seed, with a paired t-test where n >= 2."""
     from scipy.stats import ttest_rel
     rows = []
+    pairs_of = [(a, "none") for a in arms if a != "none"]
+    pairs_of += [(a, "random") for a in ("pss", "pss_alt") if a in arms and "random" in arms]
     for m in mults:
-        for arm in arms:
-            if arm == "none":
-                continue
-            pairs = [(store.get(arm, eta * m, s), store.get("none", eta * m, s)) for s in seeds]
+        for arm, ref in pairs_of:
+            pairs = [(store.get(arm, eta * m, s), store.get(ref, eta * m, s)) for s in seeds]
             pairs = [(a["val"], b["val"]) for a, b in pairs if a and b
                      and math.isfinite(a["val"]) and math.isfinite(b["val"])]
             if not pairs:
                 continue
             d = [a - b for a, b in pairs]
             p = float(ttest_rel([a for a, _ in pairs], [b for _, b in pairs])[1]) if len(d) >= 2 else math.nan
-            rows.append([f"{m:g} eta*", arm, len(d), f"{mean(d):+.3f}",
+            rows.append([f"{m:g} eta*", f"{arm} - {ref}", len(d), f"{mean(d):+.3f}",
                          f"{min(d):+.3f} .. {max(d):+.3f}", fmt(p)])
-    return md_table(["LR", "arm", "seeds", "mean val loss - none", "range over seeds",
+    return md_table(["LR", "arms", "seeds", "mean val loss difference", "range over seeds",
                      "paired t-test p"], rows)
 
 
 def pss_stats(store: Store, eta: float, mults, seeds) -> str:
+    """Per arm and LR: how often PSS smoothed, with which k, how much it changed the weights."""
     rows = []
     for arm in ("pss", "pss_alt", "random"):
-        vs = [store.get(arm, eta * m, s) for m in mults for s in seeds]
-        vs = [v for v in vs if v]
-        fires = [len(v["fired"]) for v in vs]
-        ks = [k for v in vs for k in v["k"]]
-        srb = [x for v in vs for x in v["sr_before"]]
-        sra = [x for v in vs for x in v["sr_after"]]
-        dw = [x for v in vs for x in v["dw"]]
-        cost = [i / v["step_s"] for v in vs for i in v["intervention_s"] if v["step_s"] > 0]
-        one = sum(1 for x in srb if x < 2) / len(srb) if srb else math.nan
-        rows.append([arm, sum(fires), f"{sum(fires) / max(1, sum(v['n_steps'] for v in vs)):.2%}",
-                     f"{one:.0%}" if srb else "-", fmt(statistics.median(ks) if ks else math.nan, 0),
-                     fmt(statistics.median(dw) if dw else math.nan),
-                     fmt(statistics.median(srb) if srb else math.nan, 2),
-                     fmt(statistics.median(sra) if sra else math.nan, 2),
-                     fmt(statistics.median(cost) if cost else math.nan, 1)])
-    return md_table(["arm", "interventions", "share of steps", "floor(SR) = 1 (k raised to k_min)",
-                     "median k", "median ||dW||/||W||", "median SR before", "median SR after",
-                     "cost (step equivalents)"], rows)
+        for m in mults:
+            vs = _runs(store, arm, eta * m, seeds)
+            if not vs:
+                continue
+            fires = sum(len(v["fired"]) for v in vs)
+            srb = [x for v in vs for x in v["sr_before"]]
+            pick = lambda name: [x for v in vs for x in v[name]]  # noqa: E731
+            cost = [i / v["step_s"] for v in vs for i in v["intervention_s"] if v["step_s"] > 0]
+            rows.append([arm, f"{m:g} eta*", len(vs), fires,
+                         f"{fires / max(1, sum(v['n_steps'] for v in vs)):.2%}",
+                         f"{sum(1 for x in srb if x < 2) / len(srb):.0%}" if srb else "-",
+                         _median(pick("k"), 0), _median(pick("dw")), _median(srb, 2),
+                         _median(pick("sr_after"), 2), _median(cost, 1)])
+    return md_table(["arm", "LR", "runs", "interventions", "share of steps",
+                     "floor(SR) = 1 (k raised to k_min)", "median k", "median ||dW||/||W||",
+                     "median SR before", "median SR after", "cost (step equivalents)"], rows)
+
+
+def _median(xs: list[float], d: int = 3) -> str:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return fmt(statistics.median(xs), d) if xs else "-"
 
 
 def explosion_anatomy(store: Store, eta: float, mults, seeds) -> str:
@@ -303,17 +308,21 @@ def explosion_anatomy(store: Store, eta: float, mults, seeds) -> str:
 def recovery(store: Store, eta: float, seeds) -> str:
     rows = []
     for arm in RECOVERY_ARMS:
-        ex, dv = [], []
+        ex, first, dv, fired = [], [], [], []
         for s in seeds:
             hit, ref = store.get(arm, eta, s, FAULT_STEP), store.get(arm, eta, s)
             if not (hit and ref):
                 continue
             a, b = hit["losses"][FAULT_STEP:], ref["losses"][FAULT_STEP:]
             ex.append(mean(a) - mean(b[:len(a)]) if a else math.inf)
+            first.append(mean(a[:20]) - mean(b[:20]) if a else math.inf)
             dv.append(hit["val"] - ref["val"])
-        rows.append([arm, fmt(mean(ex)), fmt(mean(dv)), len(ex)])
-    return md_table(["arm", "excess training loss after the fault (mean over steps 500-999)",
-                     "excess validation loss", "seeds"], rows)
+            fired.append(any(FAULT_STEP <= t <= FAULT_STEP + 5 for t in hit["fired"]))
+        rows.append([arm, fmt(mean(first)), fmt(mean(ex)), fmt(mean(dv)),
+                     f"{sum(fired)}/{len(fired)}" if arm.startswith("pss") else "", len(ex)])
+    return md_table(["arm", "excess training loss, 20 steps after the fault",
+                     f"excess training loss, steps {FAULT_STEP}-end", "excess validation loss",
+                     "PSS fired within 5 steps", "seeds"], rows)
 
 
 def reset_measurement(eta: float, setup: Setup) -> str:
