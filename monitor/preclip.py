@@ -59,8 +59,9 @@ class PreClipNorms:
     def _record(self, param: torch.Tensor) -> None:
         if param.grad is not None and self._wanted():
             start = time.perf_counter()
-            # detach: the norm must not join any graph (create_graph backward passes)
-            self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
+            g = norms.dense_values(param.grad)  # detached; a sparse gradient's stored values
+            wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+            self._norms[id(param)] = torch.linalg.vector_norm(g, dtype=wide)
             if self._spent is not None:  # the monitor's own time (monitor/seconds)
                 self._spent(time.perf_counter() - start)
 

@@ -83,3 +83,22 @@ def test_no_norm_is_computed_on_steps_that_neither_log_nor_run_pss(tmp_path):
             opt.step()
             opt.zero_grad()
     assert mon._preclip._handles == []  # close() removed the hooks
+
+
+def test_sparse_and_float64_gradients_are_tapped(tmp_path):
+    """nn.Embedding(sparse=True) and a float64 layer: the tapped norms equal the dense ones."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6, sparse=True)
+    head = nn.Linear(6, 1).double()
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with monitor.watch(model, opt, tmp_path, every=1, preset="cheap") as mon:
+        idx = torch.tensor([1, 3, 3, 7])  # a repeated index: duplicate COO entries
+        (head(emb(idx).double()).pow(2).sum() * 50.0).backward()
+        dense = {n: float(p.grad.to_dense().norm()) for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_([head.weight, head.bias], 1e-3)
+        opt.step()
+    logged = read_scalars(str(tmp_path))
+    for name, value in dense.items():
+        assert logged[f"grad_norm/{name}"][0] == pytest.approx(value, rel=1e-5), name
+    assert mon.step == 1
