@@ -110,8 +110,8 @@ class Alert:
 
 
 #: Measured defaults (benchmarks/results/early_warning.md, README "Alerts"). On the spike
-#: testbed's 27 labelled spikes, the global gradient-norm ratio at 7 (the lowest threshold
-#: with at most 1 alarm per 1,000 control steps) caught 21 at the spike's own step or
+#: testbed's 33 labelled spikes, the global gradient-norm ratio at 7 (the lowest threshold
+#: with at most 1 alarm per 1,000 control steps) caught 24 at the spike's own step or
 #: before (4 of them 1+ steps ahead); no other logged or literature signal warned earlier
 #: without alarming on many quiet steps, so it is the one default rule.
 DEFAULT_RULES: tuple[AlertRule, ...] = (

@@ -106,16 +106,26 @@ class JobAlerts:
     def dense(self, step: int) -> bool:
         return step <= self.dense_until
 
-    def before_update(self, record: Any | None) -> None:
-        """Gradients final, weights not yet updated (the record, if this step is logged)."""
+    def before_update(self, record: Any | None,
+                      grad_norms: dict[str, float] | None = None) -> None:
+        """Gradients final, weights not yet updated (the record, if this step is logged).
+
+        ``grad_norms``: on a step that is not logged, the per-layer norms before the user's
+        clipping (``monitor.preclip``), so a clipped job's spike is still seen; without them
+        the norms of the gradients the optimizer will apply are computed here."""
         values = self._values = {}
         if record is not None:
             values.update(_cheap_of(record.scalars))
         else:
-            with_grad = [l for l in self._layers if l.param.grad is not None]
-            gnorms = norms.tensor_norms([l.param.grad for l in with_grad])
-            for layer, g in zip(with_grad, gnorms):
-                values[schema.layer_tag("grad_norm", layer.name)] = g
+            if grad_norms is None:
+                with_grad = [l for l in self._layers if l.param.grad is not None]
+                grad_norms = dict(zip((l.name for l in with_grad),
+                                      norms.tensor_norms([l.param.grad for l in with_grad])))
+            watched = {l.name for l in self._layers}
+            gnorms = [g for name, g in grad_norms.items() if name in watched]
+            for name, g in grad_norms.items():
+                if name in watched:
+                    values[schema.layer_tag(schema.GRAD_NORM, name)] = g
             values[schema.TAG_GLOBAL_GRAD_NORM] = norms.global_norm(gnorms)
         self._buffers_valid = self.config.record_updates and record is None
         if self._buffers_valid:  # a logged step copies the weights itself

@@ -38,6 +38,7 @@ from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_mo
 from monitor.flight import make_job_alerts, refuse_distributed
 from monitor.metrics import energy, norms, spectral, views
 from monitor.metrics.ntk_capture import NTKCapture
+from monitor.preclip import global_norm_tags, make_tap, pre_clip_norms
 from monitor.schema import PSSConfig, layer_tag
 from monitor.writer import EventWriter, default_layout
 
@@ -114,6 +115,8 @@ class Monitor:
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
         self._alerts_done = start_step  # steps whose alert rules have run (see _end_step)
         self._alerting = make_job_alerts(alerts, on_alert, self.layers, config, self._writer.write)
+        self._preclip = make_tap(self)  # gradient norms before the user's clipping
+        self._pre_norms: dict[str, float] = {}
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         self._write_header()
@@ -180,6 +183,8 @@ class Monitor:
         atexit.unregister(self._at_exit)
         for handle in self._hooks:
             handle.remove()
+        if self._preclip is not None:
+            self._preclip.remove()
         self._ntk.disarm()
         self._end_step()
         self._flush_record()
@@ -238,13 +243,17 @@ class Monitor:
                     self._spectral_metrics(record, sje=self.config.sje_at(t))
                 if self._ntk.armed:
                     self._ntk_metrics(record)
+                # an unlogged step's norms before the user's clipping, taken once for PSS
+                # and the alert rules (the tap forgets what it hands out)
+                step_norms = (self._unlogged_pre_norms() if record is None and self._dist is None
+                              and (self._pss is not None or self._alerting is not None) else None)
                 if self._pss is not None:  # may smooth weights: copy them afterwards
-                    record = self._pss_step(t, record)
+                    record = self._pss_step(t, record, step_norms)
                 if record is not None:
                     self._before = (self._dist.snapshot() if self._dist is not None else
                                     [l.param.detach().clone() for l in self.layers])
                 if self._alerting is not None:
-                    self._alerting.before_update(record)
+                    self._alerting.before_update(record, step_norms)
         except Exception as err:  # never let the monitor kill the job
             log.warning("monitor: step %d pre-step metrics failed: %s", t, err, exc_info=True)
             if record is not None:
@@ -278,10 +287,11 @@ class Monitor:
         with_grad = [l for l in self.layers if l.param.grad is not None]
         grads = [l.param.grad for l in with_grad]
         gnorms = norms.tensor_norms(grads)
-        self._grad_norms = dict(zip((l.name for l in with_grad), gnorms))
-        for name, value in self._grad_norms.items():
+        self._grad_norms = dict(zip((l.name for l in with_grad), gnorms))  # applied
+        self._pre_norms = pre_clip_norms(self._preclip, with_grad, gnorms)
+        for name, value in self._pre_norms.items():
             record.scalars[layer_tag(schema.GRAD_NORM, name)] = value
-        record.scalars[schema.TAG_GLOBAL_GRAD_NORM] = norms.global_norm(gnorms)
+        record.scalars.update(global_norm_tags(self._pre_norms.values(), gnorms))
         record.scalars[schema.TAG_NONFINITE_GRAD] = float(norms.nonfinite_count(grads))
         record.scalars[schema.TAG_NONFINITE_WEIGHT] = float(
             norms.nonfinite_count([l.param for l in self.layers]))
@@ -369,23 +379,28 @@ class Monitor:
             if not math.isnan(rate):
                 record.scalars[layer_tag(schema.LR_EFFECTIVE, name)] = rate
 
-    def _pss_step(self, t: int, record: StepRecord | None) -> StepRecord | None:
-        grads = [l.param.grad for l in self.layers if l.param.grad is not None]
-        if record is not None:
+    def _unlogged_pre_norms(self) -> dict[str, float]:
+        """Per-layer gradient norms before the user's clipping, on a step that is not logged."""
+        with_grad = [l for l in self.layers if l.param.grad is not None]
+        return pre_clip_norms(self._preclip, with_grad,
+                              norms.tensor_norms([l.param.grad for l in with_grad]))
+
+    def _pss_step(self, t: int, record: StepRecord | None,
+                  step_norms: dict[str, float] | None) -> StepRecord | None:
+        if record is not None:  # the norms before the user's clipping (monitor/preclip.py)
             global_norm = record.scalars[schema.TAG_GLOBAL_GRAD_NORM]
-            layer_norms = self._grad_norms
-        elif self._dist is not None:  # the whole tensors' norms, equal on every rank
+            layer_norms = self._pre_norms if self._dist is None else self._grad_norms
+        elif self._dist is not None:  # the whole tensors' norms, equal on every rank (no tap)
             global_norm, layer_norms = self._dist.grad_norms()
         else:
-            gnorms = norms.tensor_norms(grads) if self._pss.wants_layer_norms else None
-            global_norm = norms.global_norm(gnorms) if gnorms else norms.global_grad_norm(grads)
-            layer_norms = (dict(zip((l.name for l in self.layers if l.param.grad is not None),
-                                    gnorms)) if gnorms else None)
+            layer_norms = step_norms if step_norms is not None else self._unlogged_pre_norms()
+            global_norm = norms.global_norm(layer_norms.values())
         result = self._pss.before_step(t, global_norm, layer_norms)
         if result.force_log and record is None:
             record = StepRecord(t)
             record.scalars[schema.TAG_GLOBAL_GRAD_NORM] = global_norm
-            self._grad_norms = layer_norms or {}
+            self._pre_norms = layer_norms
+            self._grad_norms = (layer_norms or {}) if self._dist is not None else {}
         if record is not None:
             record.scalars.update(result.scalars)
             record.texts.update(result.texts)

@@ -42,7 +42,8 @@ SPECTRAL_KEYS: frozenset[str] = frozenset({STABLE_RANK, SIGMA_MAX, SJE, NTK_EIG}
 
 # Global tags (``<group>/<name>``).
 TAG_LOSS = "train/loss"
-TAG_GLOBAL_GRAD_NORM = "train/grad_norm"
+TAG_GLOBAL_GRAD_NORM = "train/grad_norm"  # before the user's clipping (monitor/preclip.py)
+TAG_GLOBAL_GRAD_NORM_APPLIED = "train/grad_norm_applied"  # after it; written when they differ
 TAG_NONFINITE_GRAD = "health/nonfinite_grad"  # count of non-finite gradient entries
 TAG_NONFINITE_WEIGHT = "health/nonfinite_weight"  # count of non-finite weight entries
 TAG_METRIC_FAILURES = "health/metric_failures"  # number of (layer, metric) failures this step
@@ -159,8 +160,8 @@ class PSSConfig:
     per_layer: bool = False  # detect on each tensor's gradient norm instead of the global one
     skip_update: bool = False  # drop the triggering step's update (zero grads before step)
     reset_optimizer_state: bool = False  # drop smoothed tensors' optimizer state (moments, step)
-    k_min: int = 1  # least k: k = max(k_min, floor(SR)); 1 is SPEC's rule, which does nothing
-    # once SR has fallen to 1 (one value, unchanged by every method); 2 acts there too
+    k_min: int = 2  # least k: k = max(k_min, floor(SR)); with 1 (the paper's floor(SR)) PSS
+    # does nothing once SR has fallen below 2 (one value, unchanged by every method): SPEC 3
     k_max: int = 64  # cap on the number of smoothed singular values per tensor
 
     def __post_init__(self) -> None:

@@ -255,7 +255,7 @@ def test_owned_sigma_not_converged_is_recorded_as_failed_not_logged():
     config = MonitorConfig.preset("full", every=1, power_iters=2)
     t = Target("w", W, "linear", True, REPLICATED, "", owner=0)
     spectral = Spectral(SimpleNamespace(config=config, rank=0))
-    ctx = StepContext(0, StepRecord(0), StepRecord(0), weight_sq={"w": float(W.pow(2).sum())})
+    ctx = StepContext(0, StepRecord(0), StepRecord(0), weight_sq={"w": float(W.detach().pow(2).sum())})
     spectral._owned(ctx, t, W.detach())
     assert "w" not in ctx.sigma and not ctx.own.scalars
     assert len(ctx.own.failures) == 1 and ctx.own.failures[0].startswith("stable_rank/w: ")

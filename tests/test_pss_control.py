@@ -30,11 +30,11 @@ def test_pssconfig_rejects_bad_values_naming_the_field():
 
 
 def test_k_min_travels_through_the_control_file(tmp_path):
-    assert PSSConfig().k_min == 1  # SPEC's k = max(1, floor(SR))
+    assert PSSConfig().k_min == 2  # SPEC 3, our reading: k = max(2, floor(SR))
     write_control(tmp_path, PSSConfig(k_min=2))
     assert read_control(tmp_path).settings.k_min == 2
     old = {"version": 3, "settings": {"tau": 3.0}}  # written before k_min existed
-    assert ControlFile.from_json(json.dumps(old)).settings.k_min == 1
+    assert ControlFile.from_json(json.dumps(old)).settings.k_min == 2  # today's default
     with pytest.raises(ControlError, match="k_min: 0 is not allowed"):
         ControlFile.from_json(json.dumps({"version": 4, "settings": {"k_min": 0}}))
 

@@ -15,7 +15,10 @@ from tests.helpers import read_scalars, read_texts
 
 
 def run(tmp_path, steps, pss, events=None, every=5, seed=0):
-    """Train a small MLP; ``events[step](model, tmp_path)`` runs after backward at that step."""
+    """Train a small MLP; ``events[step](model, tmp_path)`` runs after backward at that step.
+    An event's ``grad_factors(model)`` (``[(param, factor)]``) scales gradients *during* the
+    backward (tensor hooks), as a real spike does: PSS reads the norm autograd accumulated,
+    before any change user code makes afterwards (clipping)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -24,7 +27,12 @@ def run(tmp_path, steps, pss, events=None, every=5, seed=0):
     with monitor.watch(model, opt, tmp_path, every=every, preset="cheap", pss=pss) as mon:
         for step in range(steps):
             loss = nn.functional.mse_loss(model(x), y)
+            event = (events or {}).get(step)
+            handles = [p.register_hook(lambda g, f=f: f * g)
+                       for p, f in getattr(event, "grad_factors", lambda m: [])(model)]
             loss.backward()
+            for handle in handles:
+                handle.remove()
             if events and step in events:
                 events[step](model, tmp_path)
             opt.step()
@@ -36,10 +44,11 @@ def run(tmp_path, steps, pss, events=None, every=5, seed=0):
     return read_scalars(str(tmp_path)), texts, weights
 
 
-def spike(factor):
+def spike(factor, only=None):
+    """Every gradient (or ``only(model)``'s) times ``factor`` in the backward pass."""
     def event(model, _):
-        for p in model.parameters():
-            p.grad.mul_(factor)
+        pass
+    event.grad_factors = lambda m: [(p, factor) for p in ([only(m)] if only else m.parameters())]
     return event
 
 
@@ -125,11 +134,8 @@ def test_non_finite_gradient_triggers_and_its_update_is_always_skipped(tmp_path)
 
 
 def test_per_layer_detection_smooths_only_the_layer_that_spiked(tmp_path):
-    def spike_one(model, _):
-        model[2].weight.grad.mul_(30.0)
-
     cfg = PSSConfig(warmup_steps=5, per_layer=True)
-    logged, _, _ = run(tmp_path, 20, cfg, {12: spike_one})
+    logged, _, _ = run(tmp_path, 20, cfg, {12: spike(30.0, only=lambda m: m[2].weight)})
     smoothed = {tag.split("/", 1)[1] for tag, series in logged.items()
                 if tag.startswith("pss_k/") and 12 in series}
     assert smoothed == {"2.weight"}
@@ -141,7 +147,8 @@ def test_k_min_2_lets_pss_act_on_a_rank_one_layer(tmp_path):
             W = model[2].weight
             u, v = torch.randn(W.shape[0], 1), torch.randn(1, W.shape[1])
             W.copy_(0.01 * torch.randn_like(W) + 3.0 * u @ v / (u.norm() * v.norm()))
-        spike(20.0)(model, None)
+
+    collapse_and_spike.grad_factors = spike(20.0).grad_factors
 
     sigma = {}
     for k_min in (1, 2):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,17 @@ def test_detect_imports_no_torch():
 
     code = "import sys, monitor.pss.detect, monitor.schema; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_states_the_capped_average_the_detector_uses():
+    """Issue 11: SPEC 3 said the average was plain while the code caps a spike at tau * m."""
+    spec = (Path(__file__).resolve().parents[1] / "docs" / "SPEC.md").read_text(encoding="utf-8")
+    section = spec[spec.index("## 3. Parametric"):spec.index("## 4.")]
+    assert "m_t = (1 - α) m_{t-1} + α · min(g_t, τ · m_{t-1})" in section
+    assert "before any clipping" in section  # and which norm it reads
+    det = Detector(tau=2.5, alpha=0.1, warmup_steps=0)
+    det.update(1.0)
+    assert det.update(100.0) == (True, 100.0)
+    assert det.average == pytest.approx(0.9 * 1.0 + 0.1 * 2.5)  # capped, as SPEC says
+    det.update(2.0)  # below the bar: the plain average
+    assert det.average == pytest.approx(0.9 * 1.15 + 0.1 * 2.0)

@@ -128,11 +128,12 @@ def rank_one_dominated(n: int = 48, seed: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", PSS_METHODS)
 def test_the_singularity_gap_k1_changes_nothing(method):
-    """With SR -> 1, k = max(1, floor(SR)) = 1 and every f leaves one value unchanged."""
+    """The paper's rule (k_min=1): with SR -> 1, k = floor(SR) = 1 and every f leaves one
+    value unchanged. Why the default is k_min = 2."""
     M = rank_one_dominated()
     before = torch.linalg.svdvals(M.double())
     assert (before.pow(2).sum() / before[0] ** 2).item() < 2
-    M_new, info = smooth_matrix(M, method)
+    M_new, info = smooth_matrix(M, method, k_min=1)
     assert info["k"] == 1
     after = torch.linalg.svdvals(M_new.double())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
@@ -161,3 +162,42 @@ def test_k_min_bounds():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="k_min"):
             smooth_matrix(M, "conv", k_min=bad)
+
+
+@pytest.mark.parametrize("method", PSS_METHODS)
+def test_the_default_k_rule_acts_at_stable_rank_one(method):
+    """Issue 11: at SR ~ 1 the default (k_min = 2, smooth() and PSSConfig) changes the weight."""
+    from monitor.schema import PSSConfig
+
+    M = rank_one_dominated()
+    assert PSSConfig().k_min == 2
+    M_new, info = smooth_matrix(M, method)
+    assert info["k"] == 2 and info["sr_before"] < 1.5
+    assert float((M_new - M).norm() / M.norm()) > 0.01, method
+    torch.testing.assert_close(smooth(M, method), M_new)
+
+
+def _conv_reference(s: list[float], window: int) -> list[float]:
+    """Slow reference: moving average of width 2h + 1, h = min(window // 2, k - 1), over the
+    half-sample-symmetric extension ... s1 s0 | s0 s1 ... s_{k-1} | s_{k-1} s_{k-2} ..."""
+    k = len(s)
+    h = min(window // 2, k - 1)
+    ext = list(reversed(s[:h])) + s + list(reversed(s[k - h:])) if h else list(s)
+    return [sum(ext[i: i + 2 * h + 1]) / (2 * h + 1) for i in range(k)]
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 7, 9, 11, 15])
+def test_conv_keeps_the_top_values_in_order_for_every_window_and_k(window):
+    """Issue 11: window 5 on [10, 5] gave [7, 8]; window 9 with k = 4 an increasing vector."""
+    g = torch.Generator().manual_seed(window)
+    cases = [[10.0, 5.0], [10.0, 8.0, 4.0, 1.0], [1.0] * 5 + [0.0], [30.0] + [1.0] * 6]
+    for k in range(1, 13):
+        for power in (0.5, 1.0, 4.0, 12.0):  # from flat to steeply decaying spectra
+            s = torch.rand(k, generator=g, dtype=torch.float64).pow(power).sort(descending=True).values
+            cases.append(s.tolist())
+    for s in cases:
+        f = smoothing_function(torch.tensor(s, dtype=torch.float64), "conv", window=window)
+        assert (f[1:] <= f[:-1] + 1e-12).all(), (window, s, f)  # non-increasing
+        assert f[0] <= s[0] + 1e-12 and (f >= 0).all()
+        assert float(f.sum()) == pytest.approx(sum(s), rel=1e-12, abs=1e-12)
+        torch.testing.assert_close(f, torch.tensor(_conv_reference(s, window), dtype=torch.float64))

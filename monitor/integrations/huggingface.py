@@ -5,9 +5,10 @@ installs and imports without it.
 
 The Trainer builds its optimizer itself and steps it through accelerate's wrapper; the
 callback attaches :func:`monitor.watch` to the underlying ``torch.optim`` optimizer when
-training begins, so a *step* is an optimizer step (gradient accumulation included) and the
-gradients seen are the ones the optimizer applies (after the Trainer's ``max_grad_norm``
-clipping). The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
+training begins, so a *step* is an optimizer step (gradient accumulation included);
+``train/grad_norm`` is the norm before the Trainer's ``max_grad_norm`` clipping (the value
+the Trainer logs) and ``train/grad_norm_applied`` the clipped one (``monitor/preclip.py``).
+The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
 ``train/loss``, its evaluation metrics as ``eval/<name>``, at the optimizer step they were
 logged after.
 

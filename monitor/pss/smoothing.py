@@ -11,13 +11,15 @@ so only the dominant singular values change and the tail is kept exactly. Every 
 returns a non-increasing, non-negative vector whose first value is at most ``σ1``.
 
 The singularity gap, and ``k_min``: as a layer approaches a singularity its stable rank
-falls towards 1, so SPEC's ``k`` becomes 1, and every ``f`` leaves a single value unchanged
-(conv and softmax keep the sum of one value; log, softplus and clip compress towards
-``σ_k = σ1``). With ``k = 1`` PSS does nothing exactly when it should act. ``k_min``
-(default 1, SPEC's behaviour) raises the automatic ``k`` to at least ``k_min`` (at most
-``min(shape)``), so with ``k_min = 2`` a rank-1-dominated matrix has ``σ1`` pulled towards
-``σ2`` (conv, window 3: ``σ1 -> (2 σ1 + σ2) / 3``; clip: ``σ1 -> σ2``). An explicit ``k``
-is used as given.
+falls towards 1, so the paper's ``k = floor(SR)`` becomes 1, and every ``f`` leaves a single
+value unchanged (conv and softmax keep the sum of one value; log, softplus and clip compress
+towards ``σ_k = σ1``). With ``k = 1`` PSS does nothing exactly when it should act (measured
+in issue 11: median weight change 0.0000 per intervention). Our reading (SPEC 3): the
+automatic ``k`` is at least ``k_min = 2`` (at most ``min(shape)``), so every function sees
+``σ2`` as the neighbour of ``σ1``: conv (window 3) ``σ1 -> (2 σ1 + σ2) / 3`` and
+``σ2 -> (σ1 + 2 σ2) / 3``; softmax shares the sum of both; log and softplus compress the
+excess ``σ1 - σ2``; clip sets ``σ1 = σ2``. ``k_min = 1`` restores the paper's rule. An
+explicit ``k`` is used as given.
 """
 
 from __future__ import annotations
@@ -38,9 +40,14 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
                        temperature: float | None = None, c: float | None = None) -> torch.Tensor:
     """``f(s)`` for the top-k singular values ``s`` (descending), per SPEC 3.
 
-    - ``conv``: moving average over ``window`` values with half-sample-symmetric edges
-      (``s_{-1} = s_0``, ``s_k = s_{k-1}``, ...). The averaging matrix is then doubly
-      stochastic, so the sum is kept, the result stays non-increasing and ``f_0 <= σ1``.
+    - ``conv``: moving average over ``2h + 1`` values, ``h = min(window // 2, k - 1)``, with
+      half-sample-symmetric edges (``s_{-j} = s_{j-1}``, ``s_{k-1+j} = s_{k-j}``). The
+      averaging matrix is doubly stochastic, so the sum is kept and ``f_0 <= σ1``. It stays
+      non-increasing because ``h <= k - 1``: moving the window from i to i + 1 drops the
+      value at index ``i - h`` (reflected: ``h - i - 1``) and adds the one at ``i + h + 1``
+      (reflected: ``2k - i - h - 2``); the dropped index is never the larger, so the dropped
+      value is never the smaller (``h - i - 1 <= 2k - i - h - 2`` iff ``h <= k - 1/2``).
+      A wider window would reflect twice: ``[10, 5]`` with window 5 would give ``[7, 8]``.
     - ``softmax``: ``sum(s) · softmax(s / T)``; ``T`` defaults to ``σ1`` and is raised to
       ``σ1`` when smaller (a lower temperature would sharpen: ``f_0`` could exceed ``σ1``).
       Keeps the sum; largest / smallest <= e.
@@ -61,7 +68,9 @@ def smoothing_function(s: torch.Tensor, method: str, *, window: int = 3,
     if method == "conv":
         if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
             raise ValueError(f"conv window={window!r}: expected an odd integer >= 1")
-        h = min(window // 2, k)  # half-sample symmetry needs h <= k
+        # h <= k - 1: the reflection never reaches past the far edge; with h = k a window
+        # near the top would see the bottom's reflection and the result could increase
+        h = min(window // 2, k - 1)
         idx = torch.arange(-h, k + h)
         idx = torch.where(idx < 0, -idx - 1, idx)
         idx = torch.where(idx >= k, 2 * k - 1 - idx, idx)
@@ -102,7 +111,7 @@ def weight_from_matrix(M: torch.Tensor, like: torch.Tensor, kind: str) -> torch.
     return W.reshape(like.shape).to(like.dtype)
 
 
-def smooth_matrix(M: torch.Tensor, method: str, k: int | None = None, *, k_min: int = 1,
+def smooth_matrix(M: torch.Tensor, method: str, k: int | None = None, *, k_min: int = 2,
                   k_max: int | None = None, **params) -> tuple[torch.Tensor, dict[str, float]]:
     """Smooth a 2-D matrix; returns ``(M*, info)`` with info k, σ1 and SR before and after.
 
@@ -134,7 +143,7 @@ def smooth_matrix(M: torch.Tensor, method: str, k: int | None = None, *, k_min: 
 
 
 def smooth(weight: torch.Tensor, method: str = "conv", k: int | None = None, *,
-           kind: str = "other", k_min: int = 1, **params) -> torch.Tensor:
+           kind: str = "other", k_min: int = 2, **params) -> torch.Tensor:
     """Return ``weight`` with its top-k singular values smoothed by ``method`` (SPEC 3).
 
     Args:
@@ -143,8 +152,8 @@ def smooth(weight: torch.Tensor, method: str = "conv", k: int | None = None, *,
         method: ``conv``, ``softmax``, ``log``, ``softplus`` or ``clip``.
         k: how many singular values to smooth; default ``max(k_min, floor(stable rank))``
             (at most ``min(shape)``).
-        k_min: the least automatic ``k`` (1: SPEC's rule; 2 lets PSS act on a layer whose
-            stable rank has fallen to 1, see the module docstring).
+        k_min: the least automatic ``k`` (default 2, our reading, SPEC 3; 1 is the paper's
+            ``floor(SR)``, which does nothing once SR < 2, see the module docstring).
         params: the method's parameters: ``window`` (conv), ``temperature`` (softmax),
             ``c`` (log, softplus).
 
