@@ -27,6 +27,8 @@ The NTK (:class:`NTK`) needs no collective: the owner of a layer computes it fro
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +78,7 @@ class StepContext:
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # gathered weights (owner)
 
 
-class Collector:
+class Collector(abc.ABC):
     """A metric family: ``should_compute(step)`` decides when, ``collect(ctx)`` computes."""
 
     def __init__(self, metrics: "DistributedMetrics") -> None:
@@ -85,8 +87,9 @@ class Collector:
     def should_compute(self, step: int) -> bool:
         return self.m.config.logs(step)
 
-    def collect(self, ctx: StepContext) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def collect(self, ctx: StepContext) -> None:
+        """Compute this family's values for ``ctx``'s step into ``ctx``."""
 
 
 class Norms(Collector):

@@ -18,9 +18,9 @@ APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 VIEWS = ("Overview", "Layers", "Learning rates", "PSS control")
 
 
-def open_app(logdir, monkeypatch) -> AppTest:
+def open_app(logdir, monkeypatch, timeout: float = 60) -> AppTest:
     monkeypatch.setenv("MONITOR_LOGDIR", str(logdir))
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=timeout)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

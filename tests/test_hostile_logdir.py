@@ -16,24 +16,17 @@ from streamlit.testing.v1 import AppTest
 from dashboard import data
 from monitor import schema
 from tests.dashboard_fixtures import write_meta_file, write_run
-from tests.test_dashboard_app import APP, VIEWS, texts
+from tests.test_dashboard_app import VIEWS, show, texts
+from tests.test_dashboard_app import open_app as _open_app
 from tests.test_hostile_control import HOSTILE, within
 
 EVENTS = "events.out.tfevents."
 
 
 def open_app(logdir, monkeypatch, timeout: float = 20) -> AppTest:
-    monkeypatch.setenv("MONITOR_LOGDIR", str(logdir))
-    at = AppTest.from_file(APP, default_timeout=timeout)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def show(at: AppTest, view: str) -> AppTest:
-    at.sidebar.radio(key="view").set_value(view).run()
-    assert not at.exception, (view, [e.value for e in at.exception])
-    return at
+    """The dashboard's AppTest opener with a short timeout: a special file that blocked a
+    reader would run past it."""
+    return _open_app(logdir, monkeypatch, timeout)
 
 
 @pytest.fixture
