@@ -46,6 +46,17 @@ def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
 
+def input_metrics(present) -> list[str]:
+    """The metrics of ``present`` that :func:`find_alerts` reads: stable rank, SJE, the
+    hook's non-finite counts and overhead, the job's firings (``alert/*``) and the default
+    rules' signals. (NaN and infinite values of the other metrics it also reads come with
+    them: ``dashboard.data.RunReader.alert_table``.)"""
+    wanted = {schema.STABLE_RANK, schema.SJE, schema.TAG_NONFINITE_GRAD,
+              schema.TAG_NONFINITE_WEIGHT, schema.TAG_MONITOR_OVERHEAD}
+    wanted |= {rule.signal for rule in rules.DEFAULT_RULES}
+    return [m for m in present if m in wanted or m.startswith("alert/")]
+
+
 def _groups(table: pd.DataFrame, metrics):
     present = set(table["metric"].cat.categories)
     for metric in metrics:

@@ -19,26 +19,46 @@ def run_store(logdir: str) -> data.RunStore:
     return data.RunStore(logdir)
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def combined_table(key: tuple, _readers: tuple):
-    """The tidy table of the selected runs; ``key`` holds (run dir, version) pairs."""
-    return data.combine([r.table() for r in _readers])
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _table):
-    steps, z = charts.heatmap_matrix(_table, metric, layers)
-    return steps, transforms.relative_rows(z, scale)
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def found_alerts(key: tuple, _table):
-    return alerts.find_alerts(_table)
+@st.cache_resource(show_spinner=False, max_entries=16)
+def rows(key: tuple, metrics: tuple[str, ...], _readers: tuple):
+    """The tidy rows of ``metrics`` of the selected runs; ``key`` holds (run dir, version)
+    pairs. Built from the readers' columns for these metrics only."""
+    return data.combine([r.table(metrics) for r in _readers])
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def layers(key: tuple, metric: str | None, _table) -> list[str]:
-    return charts.layers_of(_table, metric)
+def metrics(key: tuple, _readers: tuple) -> list[str]:
+    found: list[str] = []
+    for reader in _readers:
+        found += [m for m in reader.metrics() if m not in found]
+    return found
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def layers(key: tuple, metric: str | None, _readers: tuple) -> list[str]:
+    found: list[str] = []
+    for reader in _readers:
+        found += [name for name in reader.layers(metric) if name not in found]
+    return found
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _reader):
+    """One run's layer x step matrix of ``metric``, read from its columns, binned."""
+    steps, z = charts.bin_columns(*_reader.heatmap(metric, layers))
+    return steps, transforms.relative_rows(z, scale)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def alert_rows(key: tuple, _readers: tuple):
+    """What ``dashboard.alerts`` reads, of every selected run (not every metric)."""
+    wanted = alerts.input_metrics(metrics(key, _readers))
+    return data.combine([r.alert_table(wanted) for r in _readers])
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def found_alerts(key: tuple, _readers: tuple):
+    return alerts.find_alerts(alert_rows(key, _readers))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -70,13 +90,13 @@ def fresh_runs(logdir: str, names) -> list[data.RunInfo]:
 
 
 def load(logdir: str, runs: list[data.RunInfo]):
-    """Refresh the readers of ``runs`` (new events only) and return (key, table, readers)."""
+    """Refresh the readers of ``runs`` (new events only) and return (key, readers)."""
     store = run_store(os.path.realpath(logdir))
     readers = tuple(store.reader(r) for r in runs)
     for reader in readers:
         reader.refresh()
     key = tuple((r.run_dir, r.version) for r in readers)
-    return key, combined_table(key, readers), readers
+    return key, readers
 
 
 def model_order(runs: list[data.RunInfo]) -> list[str]:

@@ -108,7 +108,7 @@ def show_read_problems(runs: list[data.RunInfo], readers) -> None:
                        "mid-write). It is ignored; everything before it is shown.")
         if reader.n_files == 0:
             st.info(f"Run **{run.name}** has no events yet: waiting for its first logged step.")
-        elif reader.table().empty and not reader.errors:
+        elif not reader.n_values and not reader.errors:
             st.info(f"Run **{run.name}** has no logged values yet.")
 
 
