@@ -20,58 +20,61 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dashboard import transforms
 from monitor import alerts as rules
 from monitor import schema
 
 ALERT_COLUMNS = ("run", "kind", "layer", "step", "detail")
 
 
-def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int = 20,
-                sr_floor: float = 1.5, sje_threshold: float = 0.8, sje_steps: int = 3,
-                overhead_limit: float = 0.1) -> pd.DataFrame:
-    """One row per alert (first step it happened), sorted by step."""
-    rows: list[tuple] = []
-    if len(table):
-        for (run, metric), group in _groups(table, (schema.STABLE_RANK, schema.SJE)):
-            for layer, steps, values in _per_layer(group):
+def find_alerts(table: pd.DataFrame, **limits) -> pd.DataFrame:
+    """One row per alert (first step it happened), sorted by step, from a tidy table."""
+    present = [str(m) for m in table["metric"].cat.categories] if len(table) else []
+    bad = table[~np.isfinite(table["value"].to_numpy())] if len(table) else table
+    return alerts_in(lambda *metrics: table[table["metric"].isin(metrics)], present, bad,
+                     **limits)
+
+
+def alerts_in(rows, present, nonfinite: pd.DataFrame, *, collapse_ratio: float = 0.5,
+              settle: int = 20, sr_floor: float = 1.5, sje_threshold: float = 0.8,
+              sje_steps: int = 3, overhead_limit: float = 0.1) -> pd.DataFrame:
+    """:func:`find_alerts` reading only what it needs: ``rows(*metrics)`` gives the tidy rows
+    of some metrics, ``present`` names the metrics logged, ``nonfinite`` holds the NaN and
+    infinite values of every metric (``RunReader.nonfinite_table`` notes them as they
+    arrive). The app passes its per-metric tables: on a 27M-scalar run a table of
+    everything costs seconds."""
+    out: list[tuple] = []
+    for metric in (schema.STABLE_RANK, schema.SJE):
+        if metric not in present:
+            continue
+        for run, group in _by_run(rows(metric)):
+            for layer, steps, values in transforms.per_layer(group):
                 if metric == schema.STABLE_RANK:
-                    rows.extend(_collapse(run, layer, steps, values, collapse_ratio, settle,
+                    out.extend(_collapse(run, layer, steps, values, collapse_ratio, settle,
                                          sr_floor))
                 else:
-                    rows.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
-        rows.extend(_nonfinite(table))
-        rows.extend(_overhead(table, overhead_limit))
-        rows.extend(_rule_alerts(table))
-    frame = pd.DataFrame(rows, columns=list(ALERT_COLUMNS))
+                    out.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
+    out.extend(_nonfinite(rows(schema.TAG_NONFINITE_GRAD, schema.TAG_NONFINITE_WEIGHT)))
+    out.extend(_nonfinite_values(nonfinite, rows))
+    out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), overhead_limit))
+    signals = {rule.signal for rule in rules.DEFAULT_RULES}
+    out.extend(_rule_alerts(rows(*[m for m in present if m in signals or m.startswith("alert/")])))
+    frame = pd.DataFrame(out, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
 
-def input_metrics(present) -> list[str]:
-    """The metrics of ``present`` that :func:`find_alerts` reads: stable rank, SJE, the
-    hook's non-finite counts and overhead, the job's firings (``alert/*``) and the default
-    rules' signals. (NaN and infinite values of the other metrics it also reads come with
-    them: ``dashboard.data.RunReader.alert_table``.)"""
-    wanted = {schema.STABLE_RANK, schema.SJE, schema.TAG_NONFINITE_GRAD,
-              schema.TAG_NONFINITE_WEIGHT, schema.TAG_MONITOR_OVERHEAD}
-    wanted |= {rule.signal for rule in rules.DEFAULT_RULES}
-    return [m for m in present if m in wanted or m.startswith("alert/")]
-
-
-def _groups(table: pd.DataFrame, metrics):
-    present = set(table["metric"].cat.categories)
-    for metric in metrics:
-        if metric not in present:
-            continue
-        sub = table[table["metric"] == metric]
-        for run, group in sub.groupby("run", observed=True):
-            yield (run, metric), group
-
-
-def _per_layer(group: pd.DataFrame):
-    for layer, rows in group.groupby("layer", observed=True):
-        steps = rows["step"].to_numpy()
-        order = np.argsort(steps, kind="stable")
-        yield layer, steps[order], rows["value"].to_numpy()[order]
+def _by_run(table: pd.DataFrame):
+    """``(run, rows)`` per run; one run is not split (a pandas group-by on millions of rows
+    costs a fraction of a second)."""
+    if not len(table):
+        return
+    runs = table["run"].cat.categories
+    codes = table["run"].cat.codes.to_numpy()
+    if len(runs) == 1 or (codes == codes[0]).all():
+        yield runs[codes[0]], table
+        return
+    for run, group in table.groupby("run", observed=True):
+        yield run, group
 
 
 def _collapse(run, layer, steps, values, ratio, settle, floor):
@@ -113,7 +116,6 @@ def _nonfinite(table: pd.DataFrame) -> list[tuple]:
         out.append((run, "non-finite", "(all)", int(first["step"]),
                     f"{first['value']:.0f} non-finite {what} entries; {len(rows)} logged steps "
                     "with any"))
-    out.extend(_nonfinite_values(table))
     return out
 
 
@@ -133,15 +135,15 @@ def _overhead(table: pd.DataFrame, limit: float) -> list[tuple]:
     return out
 
 
-def _nonfinite_values(table: pd.DataFrame) -> list[tuple]:
-    """NaN or inf metric values, one alert per (run, metric, first step) naming the layers.
+def _nonfinite_values(bad: pd.DataFrame, rows) -> list[tuple]:
+    """NaN or inf metric values (``bad``), one alert per (run, metric, first step) naming
+    the layers.
 
     ``update_ratio`` is NaN by definition where the weight norm is zero (biases initialised
-    to zero): not an alert."""
-    bad = table[~np.isfinite(table["value"].to_numpy())]
+    to zero): not an alert (``rows(param_norm)`` tells)."""
     if not len(bad):
         return []
-    bad = bad[~_undefined_update_ratio(table, bad)]
+    bad = bad[~_undefined_update_ratio(rows, bad)]
     firsts = (bad.sort_values("step", kind="stable")
               .groupby(["run", "metric", "layer"], observed=True, sort=False)
               .agg(step=("step", "first"), value=("value", "first"), n=("step", "size"))
@@ -158,13 +160,13 @@ def _nonfinite_values(table: pd.DataFrame) -> list[tuple]:
     return out
 
 
-def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarray:
+def _undefined_update_ratio(rows, bad: pd.DataFrame) -> np.ndarray:
     """Mask of ``bad`` rows that are NaN update ratios of weights with a zero norm."""
     mask = np.zeros(len(bad), bool)
     is_ratio = (bad["metric"] == schema.UPDATE_RATIO).to_numpy() & np.isnan(bad["value"].to_numpy())
-    if not is_ratio.any() or schema.PARAM_NORM not in table["metric"].cat.categories:
+    if not is_ratio.any():
         return mask
-    norms = table[table["metric"] == schema.PARAM_NORM]
+    norms = rows(schema.PARAM_NORM)
     zero = set(zip(norms["run"][norms["value"] == 0], norms["layer"][norms["value"] == 0],
                    norms["step"][norms["value"] == 0]))
     rows = bad[is_ratio]
@@ -175,10 +177,10 @@ def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarra
 
 def _rule_alerts(table: pd.DataFrame) -> list[tuple]:
     """The job's alert rules: firings it wrote (``alert/<rule>``), else the defaults replayed."""
-    metrics = [str(m) for m in table["metric"].cat.categories]
+    metrics = [str(m) for m in table["metric"].cat.categories] if len(table) else []
     written = [m for m in metrics if m.startswith("alert/") and m.split("/", 1)[1] not in rules.RESERVED]
     out = []
-    for run, group in table.groupby("run", observed=True):
+    for run, group in _by_run(table):
         fired = group[group["metric"].isin(written) & (group["value"] > 0)]
         for metric, step in zip(fired["metric"], fired["step"]):
             out.append((run, f"rule {metric.split('/', 1)[1]}", "(all)", int(step),
@@ -198,6 +200,10 @@ def _step_values(group: pd.DataFrame, rule_list) -> list[tuple[int, dict[str, fl
         return []
     layer = sub["layer"].astype(str)
     tags = np.where(layer == "", sub["metric"].astype(str), sub["metric"].astype(str) + "/" + layer)
-    frame = pd.DataFrame({"step": sub["step"].to_numpy(), "tag": tags, "value": sub["value"].to_numpy()})
-    return [(int(step), dict(zip(rows["tag"], rows["value"])))
-            for step, rows in frame.sort_values("step", kind="stable").groupby("step", sort=True)]
+    order = np.argsort(sub["step"].to_numpy(), kind="stable")
+    steps = sub["step"].to_numpy()[order]
+    tags, values = tags[order].tolist(), sub["value"].to_numpy()[order].tolist()
+    unique, starts = np.unique(steps, return_index=True)  # split per step without pandas groups
+    ends = list(starts[1:]) + [len(steps)]
+    return [(int(step), dict(zip(tags[a:b], values[a:b])))
+            for step, a, b in zip(unique, starts, ends)]

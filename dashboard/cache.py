@@ -49,16 +49,13 @@ def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _reade
     return steps, transforms.relative_rows(z, scale)
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def alert_rows(key: tuple, _readers: tuple):
-    """What ``dashboard.alerts`` reads, of every selected run (not every metric)."""
-    wanted = alerts.input_metrics(metrics(key, _readers))
-    return data.combine([r.alert_table(wanted) for r in _readers])
-
-
 @st.cache_data(show_spinner=False, max_entries=8)
 def found_alerts(key: tuple, _readers: tuple):
-    return alerts.find_alerts(alert_rows(key, _readers))
+    """The alerts of the selected runs, from the tables of the metrics they read (shared
+    with the charts) and the non-finite values noted while reading."""
+    return alerts.alerts_in(lambda *m: rows(key, tuple(sorted(set(m))), _readers),
+                            metrics(key, _readers),
+                            data.combine([r.nonfinite_table() for r in _readers]))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -123,42 +123,27 @@ class ColumnStore:
         for block in self.blocks:
             cols = (np.arange(len(block.codes)) if codes is None
                     else np.flatnonzero(np.isin(block.codes, codes)))
-            if block.n and len(cols):
-                meta = block.meta()
-                values = block.columns(cols)  # (rows, k): row-major, one event after another
-                k = len(cols)
-                parts.append((np.repeat(meta["step"], k), np.repeat(meta["wall"], k),
-                              np.tile(block.codes[cols], block.n), values.ravel(),
-                              np.repeat(meta["file"], k), np.repeat(meta["seq"], k)))
-        return self._finish(parts)
+            if not block.n or not len(cols):
+                continue
+            meta, values = block.meta(), block.columns(cols)  # values: (rows, k), row-major
+            if self.restarts:
+                keep = superseded_mask(meta["step"], meta["file"], self.restarts)
+                meta, values = meta[keep], values[keep]
+            k = len(cols)
+            parts.append((np.repeat(meta["seq"], k) if len(self.blocks) > 1 else None,
+                          np.repeat(meta["step"], k), np.repeat(meta["wall"], k),
+                          np.tile(block.codes[cols], len(meta)), values.ravel()))
+        return _in_order(parts)
 
-    def nonfinite_rows(self, skip_codes: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(step, wall, code, value)`` of the NaN and infinite values whose tag code is not
-        in ``skip_codes`` (those come with their tag's rows)."""
-        bad = [r for r in self._bad if r[2] not in set(skip_codes.tolist())]
+    def nonfinite_rows(self) -> tuple[np.ndarray, ...]:
+        """``(step, wall, code, value)`` of the NaN and infinite values, in arrival order."""
+        bad = self._bad
         if not bad:
-            return self._finish([])
+            return _in_order([])
         step, wall, code, value, file, seq = (np.asarray(c) for c in zip(*bad))
-        return self._finish([(step.astype(np.int64), wall.astype(np.float64),
-                              code.astype(np.int32), value.astype(np.float32),
-                              file.astype(np.int32), seq.astype(np.int64))])
-
-    def has_nonfinite(self, codes: np.ndarray) -> bool:
-        return any(r[2] in set(codes.tolist()) for r in self._bad)
-
-    def _finish(self, parts: list[tuple]) -> tuple[np.ndarray, ...]:
-        if not parts:
-            return (_EMPTY_I64, np.empty(0), np.empty(0, np.int32), np.empty(0))
-        if len(parts) == 1:
-            step, wall, code, value, file, seq = parts[0]
-        else:  # several layouts: back into the order the events arrived in
-            step, wall, code, value, file, seq = (np.concatenate(c) for c in zip(*parts))
-            order = np.argsort(seq, kind="stable")
-            step, wall, code, value, file = (a[order] for a in (step, wall, code, value, file))
-        if self.restarts:
-            keep = superseded_mask(step, file, self.restarts)
-            step, wall, code, value = step[keep], wall[keep], code[keep], value[keep]
-        return step, wall, code, value.astype(np.float64)
+        keep = superseded_mask(step, file, self.restarts)
+        return _in_order([(None, step[keep].astype(np.int64), wall[keep].astype(np.float64),
+                           code[keep].astype(np.int32), value[keep].astype(np.float32))])
 
     def matrix(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, Z)``: ``Z[i, j]`` the value of tag ``codes[i]`` at ``steps[j]`` (NaN:
@@ -203,6 +188,20 @@ class ColumnStore:
         """Tag codes with at least one stored value."""
         codes = [b.codes for b in self.blocks if b.n]
         return np.unique(np.concatenate(codes)) if codes else np.empty(0, np.int32)
+
+
+def _in_order(parts: list[tuple]) -> tuple[np.ndarray, ...]:
+    """``(step, wall, code, value)`` of ``(seq, step, wall, code, value)`` parts, merged back
+    into the order the events arrived in (``seq``) when there are several."""
+    if not parts:
+        return (_EMPTY_I64, np.empty(0), np.empty(0, np.int32), np.empty(0))
+    if len(parts) == 1:
+        _, step, wall, code, value = parts[0]
+    else:
+        seq, step, wall, code, value = (np.concatenate(c) for c in zip(*parts))
+        order = np.argsort(seq, kind="stable")
+        step, wall, code, value = step[order], wall[order], code[order], value[order]
+    return step, wall, code, value.astype(np.float64)
 
 
 def _scatter(codes, step, code, value) -> tuple[np.ndarray, np.ndarray]:
