@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, explain, transforms
+from dashboard import charts, data, explain, png, transforms
 
 
 def pick_runs(runs: list[data.RunInfo]) -> list[data.RunInfo]:
@@ -75,11 +75,16 @@ def explain_metric(metric: str) -> None:
 
 
 def chart(fig, key: str, rows: pd.DataFrame | None = None) -> None:
-    """A Plotly chart with CSV export of its data; PNG export is the camera button of the
-    chart's toolbar (rendered in the browser, no server-side dependency)."""
+    """A Plotly chart with CSV export of its data and, with the optional ``kaleido``, a PNG
+    rendered on the server (``dashboard.png``); the camera button of the chart's toolbar
+    renders one in the browser either way."""
     st.plotly_chart(fig, width="stretch", key=key,
                     config={"toImageButtonOptions": {"format": "png", "filename": key,
                                                      "scale": 2}})
+    if png.AVAILABLE:  # deferred: rendered only when clicked
+        st.download_button("PNG", lambda: png.png_bytes(fig), file_name=f"{key}.png",
+                           mime="image/png", key=f"png_{key}", on_click="ignore",
+                           help="the chart as a PNG image (2x), rendered on the server")
     if rows is not None and len(rows):
         # deferred: the CSV is built only when clicked, not on every (live) rerun
         st.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
