@@ -82,6 +82,7 @@ def chart_path(run_dir: str, metric: str, append: Callable[[int], None]) -> dict
 def app_path(logdir: str, view: str, append: Callable[[int], None], last_step: int) -> dict:
     """The app on ``view``: seconds to its first chart and to the end of the script run,
     cold and after 10 new steps (a rerun, as a live refresh), and peak RSS (MB)."""
+    import streamlit as st
     from streamlit import config
     from streamlit.testing.v1 import AppTest
 
@@ -97,6 +98,8 @@ def app_path(logdir: str, view: str, append: Callable[[int], None], last_step: i
         return out
 
     widgets.chart = timed_chart  # the views call widgets.chart(...) at run time
+    st.cache_resource.clear()  # cold: no reader has read the run yet
+    st.cache_data.clear()
     warm_up()
     os.environ["MONITOR_LOGDIR"] = logdir
     at = AppTest.from_file(APP, default_timeout=600)
