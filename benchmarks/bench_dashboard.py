@@ -132,16 +132,12 @@ def main() -> None:
         t0 = time.perf_counter()
         acc.Reload()
         acc_refresh = time.perf_counter() - t0
-        last = n_steps + 10 * args.repeats + 9
-
-        def append(_: int) -> None:
-            nonlocal last
-            for i in range(last + 1, last + 11):
-                writer.write(i * 10, step_scalars(i * 10, tags, rng), flush=False)
+        def append(last: int) -> None:
+            for step in range(last + 10, last + 110, 10):
+                writer.write(step, step_scalars(step, tags, rng), flush=False)
             writer.flush()
-            last += 10
 
-        app = {view: dashboard_app.app_path(logdir, view, append, 0)
+        app = {view: dashboard_app.app_path(logdir, view, append)
                for view in ("Layers", "Overview")}
         writer.close()
 

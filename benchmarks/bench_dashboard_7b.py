@@ -129,11 +129,11 @@ def appender(run_dir: str, tags: list[str]):
     return append
 
 
-def measure(kind: str, run_dir: str, tags: list[str], steps: int) -> dict:
+def measure(kind: str, run_dir: str, tags: list[str]) -> dict:
     append = appender(run_dir, tags)
     if kind == "chart":
         return dashboard_app.chart_path(run_dir, METRIC, append)
-    return dashboard_app.app_path(os.path.dirname(run_dir), "Layers", append, steps - 1)
+    return dashboard_app.app_path(os.path.dirname(run_dir), "Layers", append)
 
 
 def in_subprocess(kind: str, run_dir: str, args) -> dict:
@@ -159,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     tags = all_tags(layer_names(args.layers))
     if args.measure:
-        print(json.dumps(measure(args.measure, args.run_dir, tags, args.steps)))
+        print(json.dumps(measure(args.measure, args.run_dir, tags)))
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         run_dir = os.path.join(tmp, "7b")

@@ -79,9 +79,10 @@ def chart_path(run_dir: str, metric: str, append: Callable[[int], None]) -> dict
     return out
 
 
-def app_path(logdir: str, view: str, append: Callable[[int], None], last_step: int) -> dict:
+def app_path(logdir: str, view: str, append: Callable[[int], None]) -> dict:
     """The app on ``view``: seconds to its first chart and to the end of the script run,
-    cold and after 10 new steps (a rerun, as a live refresh), and peak RSS (MB)."""
+    cold and after 10 new steps (``append(last step read)``; a rerun, as a live refresh),
+    and peak RSS (MB)."""
     import streamlit as st
     from streamlit import config
     from streamlit.testing.v1 import AppTest
@@ -107,7 +108,10 @@ def app_path(logdir: str, view: str, append: Callable[[int], None], last_step: i
     out = {}
     for name in ("first", "refresh"):
         if name == "refresh":
-            append(last_step)
+            from dashboard import cache
+
+            readers = cache.run_store(os.path.realpath(logdir)).readers()
+            append(max(int(r.step_times()[0][-1]) for r in readers))
         marks.clear()
         t0 = time.perf_counter()
         at.run()

@@ -493,6 +493,10 @@ class RunStore:
         self._readers: dict[str, RunReader] = {}
         self._lock = threading.Lock()
 
+    def readers(self) -> list[RunReader]:
+        with self._lock:
+            return list(self._readers.values())
+
     def reader(self, run: RunInfo) -> RunReader:
         with self._lock:
             reader = self._readers.get(run.path)
