@@ -48,12 +48,12 @@ def alerts_in(rows, present, nonfinite: pd.DataFrame, *, collapse_ratio: float =
         if metric not in present:
             continue
         for run, group in _by_run(rows(metric)):
-            for layer, steps, values in transforms.per_layer(group):
+            for layers, steps, values in transforms.layer_blocks(group):
                 if metric == schema.STABLE_RANK:
-                    out.extend(_collapse(run, layer, steps, values, collapse_ratio, settle,
+                    out.extend(_collapse(run, layers, steps, values, collapse_ratio, settle,
                                          sr_floor))
                 else:
-                    out.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
+                    out.extend(_sje(run, layers, steps, values, sje_threshold, sje_steps))
     out.extend(_nonfinite(rows(schema.TAG_NONFINITE_GRAD, schema.TAG_NONFINITE_WEIGHT)))
     out.extend(_nonfinite_values(nonfinite, rows))
     out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), overhead_limit))
@@ -77,32 +77,48 @@ def _by_run(table: pd.DataFrame):
         yield run, group
 
 
-def _collapse(run, layer, steps, values, ratio, settle, floor):
-    finite = np.where(np.isfinite(values), values, -np.inf)
-    settled = np.where(np.arange(len(values)) >= settle, finite, -np.inf)
-    peak_settled = np.maximum.accumulate(np.concatenate([[-np.inf], settled[:-1]]))
-    peak_any = np.maximum.accumulate(np.concatenate([[-np.inf], finite[:-1]]))
+def _collapse(run, layers, steps, values, ratio, settle, floor):
+    """The first collapse of each layer; column j of ``steps``/``values`` is ``layers[j]``
+    (all layers at once, one layer per contiguous row: a 300 x 10,000 run in a few passes,
+    in place where it can: fresh arrays of this size cost as much as the arithmetic)."""
+    v = np.array(values.T, order="C")  # (layers, steps); non-finite values never hit
+    v[~np.isfinite(v)] = -np.inf  # ... nor raise a peak
+    peak_any = _before(v, 0)  # highest value before each step
+    threshold = _before(v, settle)  # highest value since the first `settle` steps, before it
+    threshold *= ratio
     with np.errstate(invalid="ignore"):
-        drop = np.isfinite(values) & (values < ratio * peak_settled)
-        near_one = np.isfinite(values) & (values < floor) & (peak_any >= 2 * floor)
-    hit = np.flatnonzero(drop | near_one)
-    if not len(hit):
-        return []
-    i = hit[0]
-    return [(run, "stable rank collapse", layer, int(steps[i]),
-             f"stable rank {values[i]:.3g}, down from a peak of {peak_any[i]:.3g}")]
+        hit = (v > -np.inf) & ((v < threshold) | ((v < floor) & (peak_any >= 2 * floor)))
+    first = hit.argmax(axis=1)
+    return [(run, "stable rank collapse", layers[j], int(steps[first[j], j]),
+             f"stable rank {v[j, first[j]]:.3g}, down from a peak of {peak_any[j, first[j]]:.3g}")
+            for j in np.flatnonzero(hit.any(axis=1))]
 
 
-def _sje(run, layer, steps, values, threshold, min_steps):
-    above = np.concatenate([[False], values > threshold, [False]]).astype(np.int8)
-    edges = np.diff(above)
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+def _before(x: np.ndarray, start: int) -> np.ndarray:
+    """Row-wise running maximum of the entries from column ``start`` on, before each entry
+    (-inf where there is none)."""
+    out = np.full_like(x, -np.inf)
+    if x.shape[1] > start + 1:
+        np.maximum.accumulate(x[:, start:-1], axis=1, out=out[:, start + 1:])
+    return out
+
+
+def _sje(run, layers, steps, values, threshold, min_steps):
+    """Each run of ``min_steps`` or more logged steps with SJE above ``threshold``, per layer
+    (column j is ``layers[j]``)."""
+    edge = np.zeros((1, values.shape[1]), np.int8)
+    above = np.vstack([edge, values > threshold, edge]).astype(np.int8)
+    edges = np.diff(above, axis=0).T  # (layers, rows + 1): +1 where a run starts, -1 ends
+    start_layer, starts = np.nonzero(edges == 1)  # row-major: by layer, then by step
+    _, ends = np.nonzero(edges == -1)
     out = []
-    for s, e in zip(starts, ends):
+    for j, s, e in zip(start_layer, starts, ends):
         if e - s >= min_steps:
-            out.append((run, "SJE sustained", layer, int(steps[s]),
+            col = steps[:, j]
+            out.append((run, "SJE sustained", layers[j], int(col[s]),
                         f"SJE above {threshold} for {e - s} logged steps "
-                        f"(steps {int(steps[s])}-{int(steps[e - 1])}, max {values[s:e].max():.3g})"))
+                        f"(steps {int(col[s])}-{int(col[e - 1])}, max "
+                        f"{values[s:e, j].max():.3g})"))
     return out
 
 
