@@ -133,7 +133,8 @@ def measure(kind: str, run_dir: str, tags: list[str]) -> dict:
     append = appender(run_dir, tags)
     if kind == "chart":
         return dashboard_app.chart_path(run_dir, METRIC, append)
-    return dashboard_app.app_path(os.path.dirname(run_dir), "Layers", append)
+    view = "Overview" if kind == "app_overview" else "Layers"
+    return dashboard_app.app_path(os.path.dirname(run_dir), view, append)
 
 
 def in_subprocess(kind: str, run_dir: str, args) -> dict:
@@ -154,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--layers", type=int, default=300)
-    parser.add_argument("--measure", choices=("chart", "app"))
+    parser.add_argument("--measure", choices=("chart", "app", "app_overview"))
     parser.add_argument("--run-dir")
     args = parser.parse_args()
     tags = all_tags(layer_names(args.layers))
@@ -173,7 +174,8 @@ def main() -> None:
             while fh.read(64 << 20):
                 pass
         before = uptime()
-        results = {kind: in_subprocess(kind, run_dir, args) for kind in ("chart", "app")}
+        results = {kind: in_subprocess(kind, run_dir, args)
+                   for kind in ("chart", "app", "app_overview")}
         after = uptime()
     report(args, results, write_s, size_gb, len(tags), before, after)
 
@@ -185,7 +187,7 @@ def report(args, results: dict, write_s: float, size_gb: float, n_tags: int, bef
     def f(d: dict, key: str, fmt: str = "{:.2f}") -> str:
         return fmt.format(d[key]) if key in d else d.get("error", "-")[:300]
 
-    chart, app = results["chart"], results["app"]
+    chart, app, overview = results["chart"], results["app"], results["app_overview"]
     rows = [
         ["read every event into the columnar store", f(chart, "read"),
          f(chart, "values", "{:,} values")],
@@ -203,6 +205,11 @@ def report(args, results: dict, write_s: float, size_gb: float, n_tags: int, bef
         ["app: rerun after +10 steps, first chart", f(app, "refresh_chart"), "target <= 0.3 s"],
         ["app: rerun after +10 steps, whole page", f(app, "refresh_page"), ""],
         ["**peak RSS, app (MB)**", f(app, "rss", "{:.0f}"), "target <= 2048"],
+        ["app, Overview view, cold: first chart (an alert's layer) / whole page",
+         f"{f(overview, 'first_chart')} / {f(overview, 'first_page')}", "target <= 3 s"],
+        ["app, Overview: rerun after +10 steps, first chart / whole page",
+         f"{f(overview, 'refresh_chart')} / {f(overview, 'refresh_page')}", "target <= 0.3 s"],
+        ["peak RSS, app on the Overview (MB)", f(overview, "rss", "{:.0f}"), "target <= 2048"],
     ]
     body = (f"Run: {args.layers} tensors x {len(schema.METRIC_KEYS)} metrics x {args.steps:,} "
             f"logged steps = {args.layers * len(schema.METRIC_KEYS) * args.steps:,} per-layer "
