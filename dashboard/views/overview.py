@@ -23,10 +23,12 @@ def render(ctx: Context) -> None:
     st.table(rows.where(rows.notna(), ""))  # blank, not "None", where a value is unknown
     if ctx.empty:
         return
-    alerts_section(ctx)
-    loss_section(ctx)
+    alerts_box = st.container()  # shown first, filled last: the alerts read whole metrics
+    loss_section(ctx)  # (a second on a 27M-scalar run), the loss chart only two series
     events_section(ctx)
     monitor_messages(ctx)
+    with alerts_box:
+        alerts_section(ctx)
 
 
 def runs_rows(ctx: Context) -> list[dict]:
