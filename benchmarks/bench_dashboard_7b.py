@@ -205,7 +205,7 @@ def report(args, results: dict, write_s: float, size_gb: float, n_tags: int, bef
         ["app: rerun after +10 steps, first chart", f(app, "refresh_chart"), "target <= 0.3 s"],
         ["app: rerun after +10 steps, whole page", f(app, "refresh_page"), ""],
         ["**peak RSS, app (MB)**", f(app, "rss", "{:.0f}"), "target <= 2048"],
-        ["app, Overview view, cold: first chart (an alert's layer) / whole page",
+        ["app, Overview view, cold: first chart (loss; the alerts above it come last) / whole page",
          f"{f(overview, 'first_chart')} / {f(overview, 'first_page')}", "target <= 3 s"],
         ["app, Overview: rerun after +10 steps, first chart / whole page",
          f"{f(overview, 'refresh_chart')} / {f(overview, 'refresh_page')}", "target <= 0.3 s"],
