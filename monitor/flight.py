@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from monitor import schema
+from monitor import patterns, schema
 from monitor.alerts import DEFAULT_RULES, Alert, AlertEngine, AlertRule
 from monitor.metrics import norms
 
@@ -256,7 +256,9 @@ class JobAlerts:
             if not rule.per_layer:
                 continue
             state = next(s for s in self.engine.states if s.rule is rule)
-            matched = [n for n in names if state._pattern.search(n)]
+            matched = set(patterns.select_or_raise(f"AlertRule({rule.name!r}).layers",
+                                                   rule.layers, names))
+            state._layer_ok.update((n, n in matched) for n in names)  # matched once, here
             if rule.signal not in layer_metrics:
                 reason = (f"rule {rule.name!r}: metric {rule.signal!r} is not computed in this "
                           f"job (computed: {sorted(layer_metrics)}); the rule never fires")

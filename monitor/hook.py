@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor import runstate, safe_io, schema
+from monitor import patterns, runstate, safe_io, schema
 from monitor.config import PRESETS, MonitorConfig
 from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_model
 from monitor.flight import make_job_alerts, refuse_distributed
@@ -100,9 +99,10 @@ class Monitor:
         self._warned_overhead = False
         self._cuda = next((p.device for p in model.parameters() if p.is_cuda), None)
         kinds = views.layer_kinds(model)
-        pattern = re.compile(config.layers)
+        chosen = set(patterns.select_or_raise(  # a stalling pattern: refused, named
+            "MonitorConfig.layers", config.layers, [name for name, _ in model.named_parameters()]))
         self.layers = [Layer(name, p, kinds.get(name, "other"), views.has_matrix_view(p))
-                       for name, p in model.named_parameters() if pattern.search(name)]
+                       for name, p in model.named_parameters() if name in chosen]
         self._group_of: dict[int, dict] = {}
         self._groups_seen = -1  # len(param_groups) when _group_of was built
         self.rank, self._dist = self._start_distributed()  # SPEC 7: every rank works, rank 0 writes
