@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -76,10 +77,30 @@ def _alert_rank(rank: int, world: int, port: int, root: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         with monitor.watch(model, opt, os.path.join(root, "unconverged"), config=config) as mon:
             _train(model, opt, mon, rank, world, steps=2)
+        _hanging_callback(rank, world, root, out)
         with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
     finally:
         dist.destroy_process_group()
+
+
+def _hanging_callback(rank: int, world: int, root: str, out: dict) -> None:
+    """Rank 1's callback hangs for 3 s: rank 0's monitor waits dist_timeout_s (1 s) at most,
+    says so, and both ranks finish training."""
+    def on_alert(alert) -> None:
+        if rank == 1:
+            time.sleep(3.0)
+
+    model = nn.parallel.DistributedDataParallel(W.make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = monitor.MonitorConfig.preset("cheap", every=EVERY, dist_timeout_s=1.0)
+    rule = monitor.alerts.AlertRule("spike", "train/grad_norm", threshold=7.0, warmup_steps=5)
+    start = time.monotonic()
+    with monitor.watch(model, opt, os.path.join(root, "hanging"), config=config,
+                       alerts=AlertConfig(rules=(rule,), record_steps=RECORD),
+                       on_alert=on_alert) as mon:
+        _train(model, opt, mon, rank, world)
+    out["hanging"] = {"steps": mon.step, "seconds": time.monotonic() - start}
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +173,12 @@ def test_sigma_unconverged_counts_every_ranks_layers(two_ranks):
 def model_inputs(model: nn.Module) -> int:
     first = next(m for m in getattr(model, "module", model).modules() if isinstance(m, nn.Linear))
     return first.in_features
+
+
+@pytest.mark.timeout(120)
+def test_a_hanging_callback_on_one_rank_does_not_hang_the_other(two_ranks):
+    root, out = two_ranks
+    assert [o["hanging"]["steps"] for o in out] == [STEPS, STEPS]
+    assert out[0]["hanging"]["seconds"] < 20  # the 3 s callback, a 1 s timeout or two
+    failures = read_texts(str(root / "hanging"))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
+    assert any("timeout 1 s" in text for text in failures.values()), failures
