@@ -77,11 +77,37 @@ def _alert_rank(rank: int, world: int, port: int, root: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         with monitor.watch(model, opt, os.path.join(root, "unconverged"), config=config) as mon:
             _train(model, opt, mon, rank, world, steps=2)
+        _pss_patterns(rank, root, out)
         _hanging_callback(rank, world, root, out)
         with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
     finally:
         dist.destroy_process_group()
+
+
+def _pss_patterns(rank: int, root: str, out: dict) -> None:
+    """PSS's ``layers`` from control.json: a stalling pattern (refused), then a valid one
+    (applied): rank 0 matches, every rank gets the same selection."""
+    from monitor.schema import PSSConfig, write_control
+    from tests.test_patterns import HOSTILE_NAME, OVERLAPPING, Named
+
+    model = nn.parallel.DistributedDataParallel(Named())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    logdir = os.path.join(root, "patterns")
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
+    with monitor.watch(model, opt, logdir, every=5, preset="cheap",
+                       pss=PSSConfig(layers="net", warmup_steps=2)) as mon:
+        for step in range(16):
+            if rank == 0 and step in (3, 8):
+                write_control(logdir, PSSConfig(layers=OVERLAPPING if step == 3 else "a+!",
+                                                warmup_steps=2))
+            model(x).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 7:
+                out["selected_after_hostile"] = [name for name, *_ in mon.pss.selected]
+    out["selected_at_end"] = [name for name, *_ in mon.pss.selected]
+    out["hostile_name"] = HOSTILE_NAME
 
 
 def _hanging_callback(rank: int, world: int, root: str, out: dict) -> None:
@@ -182,3 +208,13 @@ def test_a_hanging_callback_on_one_rank_does_not_hang_the_other(two_ranks):
     assert out[0]["hanging"]["seconds"] < 20  # the 3 s callback, a 1 s timeout or two
     failures = read_texts(str(root / "hanging"))[schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX]
     assert any("timeout 1 s" in text for text in failures.values()), failures
+
+
+@pytest.mark.timeout(120)
+def test_a_stalling_pss_pattern_is_refused_alike_on_every_rank(two_ranks):
+    root, out = two_ranks
+    assert [o["selected_after_hostile"] for o in out] == [["net.weight"]] * 2
+    assert [o["selected_at_end"] for o in out] == [[out[0]["hostile_name"]]] * 2
+    notes = "\n".join(read_texts(str(root / "patterns"))[schema.TAG_PSS_CONTROL_TEXT
+                                                         + schema.TEXT_SUFFIX].values())
+    assert "layers '(a|aa)+$' refused" in notes and "previous settings kept" in notes, notes
