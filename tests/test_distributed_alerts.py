@@ -78,6 +78,7 @@ def _alert_rank(rank: int, world: int, port: int, root: str) -> None:
         with monitor.watch(model, opt, os.path.join(root, "unconverged"), config=config) as mon:
             _train(model, opt, mon, rank, world, steps=2)
         _pss_patterns(rank, root, out)
+        _resumed_pss(rank, world, root)
         _hanging_callback(rank, world, root, out)
         with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
             json.dump(out, fh)
@@ -108,6 +109,17 @@ def _pss_patterns(rank: int, root: str, out: dict) -> None:
                 out["selected_after_hostile"] = [name for name, *_ in mon.pss.selected]
     out["selected_at_end"] = [name for name, *_ in mon.pss.selected]
     out["hostile_name"] = HOSTILE_NAME
+
+
+def _resumed_pss(rank: int, world: int, root: str) -> None:
+    """Resumed at a step that is not logged, with PSS: rank 0's start-up messages make it
+    log that step; every rank must, or rank 0's update-norm all-reduce runs alone."""
+    model = nn.parallel.DistributedDataParallel(W.make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = monitor.MonitorConfig.preset("cheap", every=EVERY, dist_timeout_s=2.0)
+    with monitor.watch(model, opt, os.path.join(root, "resumed"), config=config,
+                       pss=monitor.PSSConfig(), start_step=3) as mon:
+        _train(model, opt, mon, rank, world, steps=3)
 
 
 def _hanging_callback(rank: int, world: int, root: str, out: dict) -> None:
@@ -218,3 +230,11 @@ def test_a_stalling_pss_pattern_is_refused_alike_on_every_rank(two_ranks):
     notes = "\n".join(read_texts(str(root / "patterns"))[schema.TAG_PSS_CONTROL_TEXT
                                                          + schema.TEXT_SUFFIX].values())
     assert "layers '(a|aa)+$' refused" in notes and "previous settings kept" in notes, notes
+
+
+@pytest.mark.timeout(120)
+def test_resuming_with_pss_at_an_unlogged_step_keeps_the_ranks_in_step(two_ranks):
+    root, _ = two_ranks
+    texts = read_texts(str(root / "resumed"))
+    assert schema.TAG_FAILURE_TEXT + schema.TEXT_SUFFIX not in texts, texts
+    assert sorted(read_scalars(str(root / "resumed"))["update_ratio/0.weight"]) == [3]

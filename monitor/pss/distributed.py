@@ -73,6 +73,9 @@ class DistributedPSSController(PSSController):
             for det in [self.detector]:
                 det.tau, det.alpha, det.warmup_steps = config.tau, config.alpha, config.warmup_steps
             self.watcher.version, self.watcher.smooth_now_seen = version, seen
+            # rank 0 logs its first step for its start-up messages: every rank must log it
+            # too (a logged step's update norms are an all-reduce)
+            self._pending.force_log = True
 
     def _poll(self, step: int) -> tuple[Any, list | None]:
         """Rank 0 checks the control file (every ``check_every`` steps) and matches its
