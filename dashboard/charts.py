@@ -8,7 +8,6 @@ spike never disappears; heatmaps are binned to a bounded number of step columns.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard import transforms
-from monitor import schema
+from monitor import patterns, schema
 
 MAX_POINTS = 2000  # points per line after downsampling
 MAX_HEATMAP_STEPS = 400  # step columns of a heatmap after binning
@@ -90,11 +89,12 @@ def layer_order(present: Sequence[str], model_order: Sequence[str] = ()) -> list
 
 
 def filter_layers(layers: Sequence[str], pattern: str) -> list[str]:
-    """Layers whose name matches ``pattern`` (re.search); raises re.error when invalid."""
+    """Layers whose name matches ``pattern`` (re.search semantics); raises re.error
+    (``monitor.patterns.PatternError``) when it is invalid or too slow to match: a typed
+    ``(a|aa)+$`` must not stall the page."""
     if not pattern:
         return list(layers)
-    regex = re.compile(pattern)
-    return [name for name in layers if regex.search(name)]
+    return patterns.select(pattern, layers)
 
 
 def heatmap_matrix(table: pd.DataFrame, metric: str, layers: Sequence[str],
