@@ -81,17 +81,20 @@ def chart(fig, key: str, rows: pd.DataFrame | None = None) -> None:
     st.plotly_chart(fig, width="stretch", key=key,
                     config={"toImageButtonOptions": {"format": "png", "filename": key,
                                                      "scale": 2}})
-    if png.AVAILABLE:  # deferred: rendered only when clicked
-        st.download_button("PNG", lambda: png.png_bytes(fig), file_name=f"{key}.png",
-                           mime="image/png", key=f"png_{key}", on_click="ignore",
-                           help="the chart as a PNG image (2x), rendered on the server")
-    if rows is not None and len(rows):
-        # deferred: the CSV is built only when clicked, not on every (live) rerun
-        st.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
-                           file_name=f"{key}.csv", mime="text/csv", key=f"csv_{key}",
-                           on_click="ignore",
-                           help="the chart's data, one row per point (tidy: run, step, "
-                                "wall_time, metric, layer, value)")
+    has_rows = rows is not None and len(rows)
+    if not (has_rows or png.AVAILABLE):
+        return
+    left, right, _ = st.columns([1, 1, 10])  # one row of export buttons under the chart
+    if has_rows:  # deferred: the CSV is built only when clicked, not on every (live) rerun
+        left.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
+                             file_name=f"{key}.csv", mime="text/csv", key=f"csv_{key}",
+                             on_click="ignore",
+                             help="the chart's data, one row per point (tidy: run, step, "
+                                  "wall_time, metric, layer, value)")
+    if png.AVAILABLE:  # deferred too: rendered only when clicked
+        right.download_button("PNG", lambda: png.png_bytes(fig), file_name=f"{key}.png",
+                              mime="image/png", key=f"png_{key}", on_click="ignore",
+                              help="the chart as a PNG image (2x), rendered on the server")
 
 
 def rows_of(table: pd.DataFrame, metric: str | None = None, layers=None) -> pd.DataFrame:
