@@ -19,7 +19,7 @@ def run_store(logdir: str) -> data.RunStore:
     return data.RunStore(logdir)
 
 
-@st.cache_resource(show_spinner=False, max_entries=16)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def rows(key: tuple, metrics: tuple[str, ...], _readers: tuple):
     """The tidy rows of ``metrics`` of the selected runs; ``key`` holds (run dir, version)
     pairs. Built from the readers' columns for these metrics only."""

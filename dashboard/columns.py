@@ -18,55 +18,55 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK_BYTES = 4 << 20  # values per chunk: 4 MB (about 390 steps of a 2,700-tag event)
+CHUNK_BYTES = 4 << 20  # values per chunk at most: 4 MB (about 390 steps of a 2,700-tag event)
+FIRST_ROWS = 16  # rows of a layout's first chunk; chunks double up to CHUNK_BYTES, so a
+#                  layout seen once (or a hostile file of thousands) costs bytes, not MBs
+MAX_LAYOUT_IDS = 256  # template code arrays remembered for the fast block lookup
 _EMPTY_I64 = np.empty(0, np.int64)
 
 
 class Block:
-    """Rows of events with one tag layout (``codes``), stored in fixed-size chunks."""
-
-    def __init__(self, codes: np.ndarray) -> None:
-        self.codes = np.asarray(codes, np.int32)
-        width = max(1, len(self.codes))
-        self.chunk_rows = int(np.clip(CHUNK_BYTES // (4 * width), 16, 4096))
-        self.n = 0
-        self._values: list[np.ndarray] = []  # (chunk_rows, width) float32
-        self._meta: list[np.ndarray] = []  # (chunk_rows,) records: step, wall, file, seq
+    """Rows of events with one tag layout (``codes``), stored in chunks that are never
+    copied once written: appending costs O(new rows)."""
 
     _META = np.dtype([("step", np.int64), ("wall", np.float64), ("file", np.int32),
                       ("seq", np.int64)])
 
+    def __init__(self, codes: np.ndarray) -> None:
+        self.codes = np.asarray(codes, np.int32)
+        width = max(1, len(self.codes))
+        self.max_rows = int(np.clip(CHUNK_BYTES // (4 * width), FIRST_ROWS, 4096))
+        self.n = 0
+        self._fill = 0  # rows used in the last chunk
+        self._values: list[np.ndarray] = []  # (chunk rows, width) float32
+        self._meta: list[np.ndarray] = []  # (chunk rows,) records: step, wall, file, seq
+
     def add(self, step: int, wall: float, file: int, seq: int, values) -> None:
-        i = self.n % self.chunk_rows
-        if i == 0:
-            self._values.append(np.empty((self.chunk_rows, len(self.codes)), np.float32))
-            self._meta.append(np.empty(self.chunk_rows, self._META))
-        self._values[-1][i] = values
-        self._meta[-1][i] = (step, wall, file, seq)
+        if not self._meta or self._fill == len(self._meta[-1]):
+            rows = min(self.max_rows, FIRST_ROWS << len(self._meta))
+            self._values.append(np.empty((rows, len(self.codes)), np.float32))
+            self._meta.append(np.empty(rows, self._META))
+            self._fill = 0
+        self._values[-1][self._fill] = values
+        self._meta[-1][self._fill] = (step, wall, file, seq)
+        self._fill += 1
         self.n += 1
 
     def meta(self) -> np.ndarray:
         """The rows' (step, wall, file, seq) records, in arrival order."""
-        return _joined(self._meta, self.n, self.chunk_rows)
+        return self._joined(self._meta)
 
     def columns(self, cols: np.ndarray) -> np.ndarray:
         """``(rows, len(cols))`` float32 of the given column positions."""
         if len(cols) and np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
             pick = slice(int(cols[0]), int(cols[0]) + len(cols))  # a view per chunk: faster
-            parts = [chunk[:, pick] for chunk in self._values]
-        else:
-            parts = [chunk[:, cols] for chunk in self._values]
-        return _joined(parts, self.n, self.chunk_rows)
+            return self._joined([chunk[:, pick] for chunk in self._values])
+        return self._joined([chunk[:, cols] for chunk in self._values])
 
-
-def _joined(chunks: list[np.ndarray], n: int, rows: int) -> np.ndarray:
-    """The first ``n`` rows of equally sized chunks, as one array."""
-    if not chunks:
-        return np.empty(0)
-    if len(chunks) == 1:
-        return chunks[0][:n]
-    last = n - rows * (len(chunks) - 1)
-    return np.concatenate(chunks[:-1] + [chunks[-1][:last]])
+    def _joined(self, chunks: list[np.ndarray]) -> np.ndarray:
+        """The filled rows of the chunks, as one array."""
+        last = chunks[-1][:self._fill]
+        return last if len(chunks) == 1 else np.concatenate(chunks[:-1] + [last])
 
 
 class ColumnStore:
@@ -113,6 +113,8 @@ class ColumnStore:
             block = self._by_layout[key] = Block(codes)
             self.blocks.append(block)
         if isinstance(codes, np.ndarray):
+            if len(self._by_id) >= MAX_LAYOUT_IDS:  # templates come and go: stay bounded
+                self._by_id.clear()
             self._by_id[id(codes)] = (codes, block)  # holds codes: its id stays unique
         return block
 

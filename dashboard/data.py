@@ -54,6 +54,7 @@ LIVE_SECONDS = 120.0  # a running job that wrote nothing for this long is "stale
 MAX_RUN_FILE_BYTES = 8 * 2**20  # run.json: layer names and settings, a few kB to a few 100 kB
 READ_CHUNK = 64 * 2**20  # event-file bytes held at once: a huge or hostile file costs no more
 MAX_RECORD_BYTES = 256 * 2**20  # a larger record is taken as corrupt (ours are a few kB)
+MAX_TABLES = 6  # tidy tables a reader keeps until new data (metrics a view draws)
 _HEADER = 12  # uint64 length + uint32 crc
 _FOOTER = 4  # uint32 crc of the payload
 
@@ -385,9 +386,13 @@ class RunReader:
         when None), cached until new data arrives."""
         key = None if metrics is None else tuple(sorted(set(metrics)))
         with self._lock:
-            if key not in self._tables:
-                self._tables[key] = self._build_table(key)
-            return self._tables[key]
+            table = self._tables.pop(key, None)
+            if table is None:
+                table = self._build_table(key)
+            self._tables[key] = table  # most recent last
+            while len(self._tables) > MAX_TABLES:  # a table of one 7B metric: ~80 MB
+                self._tables.pop(next(iter(self._tables)))
+            return table
 
     def nonfinite_table(self) -> pd.DataFrame:
         """The tidy rows of every NaN or infinite value read (noted as they arrived, so

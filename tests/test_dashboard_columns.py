@@ -194,3 +194,14 @@ def test_small_read_chunks_give_the_same_columns(tmp_path, monkeypatch, chunk):
     reader.refresh()
     assert_same(our_series(reader.table()), tensorboard_series(run))
     shutil.rmtree(run)
+
+
+def test_a_layout_seen_once_costs_bytes_not_megabytes():
+    """A hostile file with thousands of one-tag layouts: each block starts with 16 rows."""
+    store = columns.ColumnStore()
+    for i in range(2000):
+        store.add(i, 0.0, 0, np.array([store.code(f"tag{i}")], np.int32), [1.0])
+    held = sum(c.nbytes for b in store.blocks for c in b._values + b._meta)
+    assert len(store.blocks) == 2000 and held < 2000 * 16 * 40
+    step, _, code, _ = store.rows(np.array([store.code("tag1999")]))
+    assert list(step) == [1999] and list(code) == [1999]
