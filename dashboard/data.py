@@ -20,9 +20,9 @@ TensorBoard, what earlier files logged from that step on is then dropped (see
 
 Values are stored by column (``dashboard.columns``: 4 bytes per value, one dense block per
 step layout); readers return tidy tables with the columns ``run, step, wall_time, metric,
-layer, value`` (:data:`COLUMNS`) built on demand for the metrics a view draws. Per-layer tags ``<metric>/<parameter name>`` give ``metric`` and
-``layer``; global tags (``train/loss``, ``pss/tau``...) keep the whole tag as ``metric``
-and an empty ``layer``.
+layer, value`` (:data:`COLUMNS`) built on demand for the metrics a view draws. Per-layer
+tags ``<metric>/<parameter name>`` give ``metric`` and ``layer``; global tags
+(``train/loss``, ``pss/tau``...) keep the whole tag as ``metric`` and an empty ``layer``.
 
 Only the standard library, numpy, pandas, TensorBoard's protos and ``monitor.schema``
 are imported here: never torch.
