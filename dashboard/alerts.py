@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 
@@ -35,32 +37,81 @@ def find_alerts(table: pd.DataFrame, **limits) -> pd.DataFrame:
                      **limits)
 
 
-def alerts_in(rows, present, nonfinite: pd.DataFrame, *, collapse_ratio: float = 0.5,
-              settle: int = 20, sr_floor: float = 1.5, sje_threshold: float = 0.8,
-              sje_steps: int = 3, overhead_limit: float = 0.1) -> pd.DataFrame:
+#: the rules' limits (keyword arguments of :func:`alerts_in`; ``dashboard.explain`` draws them)
+LIMITS = {"collapse_ratio": 0.5, "settle": 20, "sr_floor": 1.5, "sje_threshold": 0.8,
+          "sje_steps": 3, "overhead_limit": 0.1}
+LAYER_METRICS = (schema.STABLE_RANK, schema.SJE)  # the per-layer rules' metrics
+
+
+def alerts_in(rows, present, nonfinite: pd.DataFrame, layered=None, **limits) -> pd.DataFrame:
     """:func:`find_alerts` reading only what it needs: ``rows(*metrics)`` gives the tidy rows
     of some metrics, ``present`` names the metrics logged, ``nonfinite`` holds the NaN and
     infinite values of every metric (``RunReader.nonfinite_table`` notes them as they
     arrive). The app passes its per-metric tables: on a 27M-scalar run a table of
-    everything costs seconds."""
-    out: list[tuple] = []
-    for metric in (schema.STABLE_RANK, schema.SJE):
+    everything costs seconds. ``layered``: the per-layer alerts (collapse, SJE) of those
+    metrics already found (:class:`RunAlerts`, kept up to date per reader), as
+    ``(alerts, metrics left to do here)``; None: all found here from ``rows``."""
+    limits = {**LIMITS, **limits}
+    out, todo = layered if layered is not None else ([], LAYER_METRICS)
+    out = list(out)
+    for metric in todo:
         if metric not in present:
             continue
         for run, group in _by_run(rows(metric)):
             for layers, steps, values in transforms.layer_blocks(group):
-                if metric == schema.STABLE_RANK:
-                    out.extend(_collapse(run, layers, steps, values, collapse_ratio, settle,
-                                         sr_floor))
-                else:
-                    out.extend(_sje(run, layers, steps, values, sje_threshold, sje_steps))
+                out.extend(layer_rule(metric, layers, limits).update(steps, values).alerts(run))
     out.extend(_nonfinite(rows(schema.TAG_NONFINITE_GRAD, schema.TAG_NONFINITE_WEIGHT)))
     out.extend(_nonfinite_values(nonfinite, rows))
-    out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), overhead_limit))
+    out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), limits["overhead_limit"]))
     signals = {rule.signal for rule in rules.DEFAULT_RULES}
     out.extend(_rule_alerts(rows(*[m for m in present if m in signals or m.startswith("alert/")])))
     frame = pd.DataFrame(out, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
+
+
+def layer_rule(metric: str, layers, limits: dict):
+    """A fresh running state of ``metric``'s per-layer rule over ``layers``."""
+    if metric == schema.STABLE_RANK:
+        return Collapse(layers, limits["collapse_ratio"], limits["settle"], limits["sr_floor"])
+    return SustainedSJE(layers, limits["sje_threshold"], limits["sje_steps"])
+
+
+class RunAlerts:
+    """One run's per-layer alerts, kept up to date from its reader's columns: each call feeds
+    the rule states (:class:`Collapse`, :class:`SustainedSJE`) only the rows logged since the
+    last (``RunReader.layer_rows``), so a live refresh costs O(new rows) and gives what a
+    full recompute gives. A metric not laid out as the monitor writes it (a restart, several
+    layouts) is left to the caller (the tidy table)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, tuple] = {}  # metric -> (block, rows fed, limits, rule state)
+
+    def update(self, reader, **limits) -> dict[str, list[tuple] | None]:
+        """``{metric: alerts}`` of ``reader``'s per-layer rules on the metrics it logged;
+        None for a metric not laid out for this (the caller uses the tidy table)."""
+        limits = {**LIMITS, **limits}
+        logged = reader.metrics()
+        with self._lock:
+            return {metric: (None if (state := self._extend(reader, metric, limits)) is None
+                             else state.alerts(reader.name))
+                    for metric in LAYER_METRICS if metric in logged}
+
+    def _extend(self, reader, metric: str, limits: dict):
+        block, fed, known, state = self._states.get(metric, (None, 0, None, None))
+        start = fed if known == limits else 0
+        got = reader.layer_rows(metric, start)
+        if got is not None and start and got[0] is not block:  # another layout or reader
+            start, got = 0, reader.layer_rows(metric, 0)
+        if got is None:
+            self._states.pop(metric, None)
+            return None
+        block, layers, steps, values = got
+        if not start:
+            state = layer_rule(metric, layers, limits)
+        state.update(steps, values)
+        self._states[metric] = (block, start + len(steps), limits, state)
+        return state
 
 
 def _by_run(table: pd.DataFrame):
@@ -77,49 +128,128 @@ def _by_run(table: pd.DataFrame):
         yield run, group
 
 
-def _collapse(run, layers, steps, values, ratio, settle, floor):
-    """The first collapse of each layer; column j of ``steps``/``values`` is ``layers[j]``
-    (all layers at once, one layer per contiguous row: a 300 x 10,000 run in a few passes,
-    in place where it can: fresh arrays of this size cost as much as the arithmetic)."""
-    v = np.array(values.T, order="C")  # (layers, steps); non-finite values never hit
-    v[~np.isfinite(v)] = -np.inf  # ... nor raise a peak
-    peak_any = _before(v, 0)  # highest value before each step
-    threshold = _before(v, settle)  # highest value since the first `settle` steps, before it
-    threshold *= ratio
-    with np.errstate(invalid="ignore"):
-        hit = (v > -np.inf) & ((v < threshold) | ((v < floor) & (peak_any >= 2 * floor)))
-    first = hit.argmax(axis=1)
-    return [(run, "stable rank collapse", layers[j], int(steps[first[j], j]),
-             f"stable rank {v[j, first[j]]:.3g}, down from a peak of {peak_any[j, first[j]]:.3g}")
-            for j in np.flatnonzero(hit.any(axis=1))]
+class Collapse:
+    """The stable-rank collapse rule as a running computation over the logged steps of k
+    layers (column j of each update is ``layers[j]``): per layer, the highest value so far
+    (``peak``) and since the first ``settle`` rows (``settled``). Entry t of a layer hits when
+
+        x_t < ratio * max(x_settle .. x_{t-1})   or   (x_t < floor and max(x_0 .. x_{t-1}) >= 2 floor)
+
+    (non-finite values never hit, nor raise a peak). The first hit per layer is the alert.
+    Rows may come in any number of updates: the result equals one update with all of them
+    (the state carried is exact: maxima), so a live refresh costs O(new rows)."""
+
+    def __init__(self, layers, ratio: float, settle: int, floor: float) -> None:
+        self.layers, self.ratio, self.settle, self.floor = list(layers), ratio, settle, floor
+        self.rows = 0
+        self.peak = np.full(len(self.layers), -np.inf)
+        self.settled = np.full(len(self.layers), -np.inf)
+        self.first: dict[int, tuple] = {}  # layer index -> (step, value, peak) of its alert
+
+    def update(self, steps: np.ndarray, values: np.ndarray) -> Collapse:
+        """Extend with ``values`` (rows, layers) logged at ``steps`` (rows, layers) or (rows,)."""
+        if not len(values):
+            return self
+        v = np.array(values.T, dtype=np.float64, order="C")  # (layers, rows), one pass per row
+        v[~np.isfinite(v)] = -np.inf
+        peak_any = _before(v, self.peak)
+        counted = v.copy()  # values entering the settled peak: rows from `settle` on
+        counted[:, :max(0, self.settle - self.rows)] = -np.inf
+        threshold = _before(counted, self.settled)
+        threshold *= self.ratio
+        with np.errstate(invalid="ignore"):
+            hit = (v > -np.inf) & ((v < threshold) | ((v < self.floor) & (peak_any >= 2 * self.floor)))
+        first = hit.argmax(axis=1)
+        for j in np.flatnonzero(hit.any(axis=1)):
+            if j not in self.first:
+                self.first[j] = (int(_column(steps, j)[first[j]]), v[j, first[j]],
+                                 peak_any[j, first[j]])
+        np.maximum(self.peak, v.max(axis=1), out=self.peak)
+        np.maximum(self.settled, counted.max(axis=1), out=self.settled)
+        self.rows += v.shape[1]
+        return self
+
+    def alerts(self, run) -> list[tuple]:
+        return [(run, "stable rank collapse", self.layers[j], step,
+                 f"stable rank {value:.3g}, down from a peak of {peak:.3g}")
+                for j, (step, value, peak) in sorted(self.first.items())]
 
 
-def _before(x: np.ndarray, start: int) -> np.ndarray:
-    """Row-wise running maximum of the entries from column ``start`` on, before each entry
-    (-inf where there is none)."""
-    out = np.full_like(x, -np.inf)
-    if x.shape[1] > start + 1:
-        np.maximum.accumulate(x[:, start:-1], axis=1, out=out[:, start + 1:])
+def _before(x: np.ndarray, carried: np.ndarray) -> np.ndarray:
+    """Row-wise running maximum before each entry, starting from ``carried`` (the maximum of
+    the entries before this block)."""
+    out = np.empty_like(x)
+    out[:, :1] = carried[:, None]
+    if x.shape[1] > 1:
+        np.maximum.accumulate(x[:, :-1], axis=1, out=out[:, 1:])
+        np.maximum(out[:, 1:], carried[:, None], out=out[:, 1:])
     return out
 
 
-def _sje(run, layers, steps, values, threshold, min_steps):
-    """Each run of ``min_steps`` or more logged steps with SJE above ``threshold``, per layer
-    (column j is ``layers[j]``)."""
-    edge = np.zeros((1, values.shape[1]), np.int8)
-    above = np.vstack([edge, values > threshold, edge]).astype(np.int8)
-    edges = np.diff(above, axis=0).T  # (layers, rows + 1): +1 where a run starts, -1 ends
-    start_layer, starts = np.nonzero(edges == 1)  # row-major: by layer, then by step
-    _, ends = np.nonzero(edges == -1)
-    out = []
-    for j, s, e in zip(start_layer, starts, ends):
-        if e - s >= min_steps:
-            col = steps[:, j]
-            out.append((run, "SJE sustained", layers[j], int(col[s]),
-                        f"SJE above {threshold} for {e - s} logged steps "
-                        f"(steps {int(col[s])}-{int(col[e - 1])}, max "
-                        f"{values[s:e, j].max():.3g})"))
-    return out
+def _column(steps: np.ndarray, j: int) -> np.ndarray:
+    """Layer j's steps: ``steps`` is (rows,) (one step per row, all layers) or (rows, layers)."""
+    return steps if steps.ndim == 1 else steps[:, j]
+
+
+class SustainedSJE:
+    """The SJE rule as a running computation over the logged steps of k layers: every run of
+    ``min_steps`` or more consecutive rows with SJE above ``threshold``, per layer. The state
+    carried is each layer's open run (first step, rows, maximum, last step), so updates in any
+    number of pieces give the alerts of one update with all rows."""
+
+    def __init__(self, layers, threshold: float, min_steps: int) -> None:
+        self.layers, self.threshold, self.min_steps = list(layers), threshold, min_steps
+        k = len(self.layers)
+        self.open_rows = np.zeros(k, np.int64)  # rows of the run still open at the end (0: none)
+        self.open_first = np.zeros(k, np.int64)  # its first step
+        self.open_last = np.zeros(k, np.int64)  # its last step
+        self.open_max = np.full(k, -np.inf)
+        self.closed: list[tuple] = []  # (layer index, first, last, rows, max) of long ended runs
+
+    def update(self, steps: np.ndarray, values: np.ndarray) -> SustainedSJE:
+        """Extend with ``values`` (rows, layers) logged at ``steps`` (rows, layers) or (rows,)."""
+        k, n = len(self.layers), len(values)
+        above = np.zeros((n + 2, k), np.int8)  # row 0: a run open before; row n + 1: an end
+        above[0] = self.open_rows > 0
+        above[1:-1] = values > self.threshold
+        edges = np.diff(above, axis=0).T  # (layers, n + 1): +1 at a run's first row, -1 after its last
+        start_layer, starts = np.nonzero(edges == 1)  # row-major: by layer, then by step
+        end_layer, ends = np.nonzero(edges == -1)
+        carried = np.flatnonzero(self.open_rows)
+        first_end = np.searchsorted(end_layer, carried)  # a carried run ends at its layer's first end
+        for j, e in zip(carried, ends[first_end]):
+            self._add(j, _column(steps, j)[:e], values[:e, j], closes=e < n)
+        own = np.ones(len(ends), bool)
+        own[first_end] = False
+        ends = ends[own]  # now one end per start, in the same order
+        for j, s, e in zip(start_layer, starts, ends):
+            if e - s >= self.min_steps or e == n:  # short runs that ended: no state, no alert
+                self.open_rows[j], self.open_max[j] = 0, -np.inf
+                self.open_first[j] = _column(steps, j)[s]
+                self._add(j, _column(steps, j)[s:e], values[s:e, j], closes=e < n)
+        return self
+
+    def _add(self, j: int, steps: np.ndarray, values: np.ndarray, closes: bool) -> None:
+        """Extend layer j's open run with these rows; close it when ``closes``."""
+        if len(steps):
+            self.open_rows[j] += len(steps)
+            self.open_last[j] = steps[-1]
+            self.open_max[j] = max(self.open_max[j], values.max())
+        if closes:
+            if self.open_rows[j] >= self.min_steps:
+                self.closed.append((j, int(self.open_first[j]), int(self.open_last[j]),
+                                    int(self.open_rows[j]), float(self.open_max[j])))
+            self.open_rows[j] = 0
+
+    def alerts(self, run) -> list[tuple]:
+        runs = self.closed + [(j, int(self.open_first[j]), int(self.open_last[j]),
+                               int(self.open_rows[j]), float(self.open_max[j]))
+                              for j in np.flatnonzero(self.open_rows)]
+        return [(run, "SJE sustained", self.layers[j], first,
+                 f"SJE above {self.threshold} for {rows} logged steps (steps {first}-{last}, "
+                 f"max {peak:.3g})")
+                for j, first, last, rows, peak in sorted(runs, key=lambda r: (r[0], r[1]))
+                if rows >= self.min_steps]
 
 
 def _nonfinite(table: pd.DataFrame) -> list[tuple]:

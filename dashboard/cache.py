@@ -49,13 +49,24 @@ def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _reade
     return steps, transforms.relative_rows(z, scale)
 
 
+@st.cache_resource(show_spinner=False)
+def run_alerts(run_dir: str) -> alerts.RunAlerts:
+    """A run's per-layer alert state, extended with the rows each refresh adds."""
+    return alerts.RunAlerts()
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def found_alerts(key: tuple, _readers: tuple):
-    """The alerts of the selected runs, from the tables of the metrics they read (shared
-    with the charts) and the non-finite values noted while reading."""
+    """The alerts of the selected runs: the per-layer rules from each run's kept state
+    (O(new rows) per refresh), the others from the small tables of global tags, and the
+    non-finite values noted while reading."""
+    found = [run_alerts(r.run_dir).update(r) for r in _readers]
+    todo = [m for m in alerts.LAYER_METRICS if any(f.get(m, ()) is None for f in found)]
+    done = [a for f in found for m, got in f.items() if m not in todo for a in got]
     return alerts.alerts_in(lambda *m: rows(key, tuple(sorted(set(m))), _readers),
                             metrics(key, _readers),
-                            data.combine([r.nonfinite_table() for r in _readers]))
+                            data.combine([r.nonfinite_table() for r in _readers]),
+                            layered=(done, todo))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

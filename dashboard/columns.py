@@ -52,21 +52,27 @@ class Block:
         self._fill += 1
         self.n += 1
 
-    def meta(self) -> np.ndarray:
-        """The rows' (step, wall, file, seq) records, in arrival order."""
-        return self._joined(self._meta)
+    def meta(self, start: int = 0) -> np.ndarray:
+        """The rows' (step, wall, file, seq) records from row ``start`` on, in arrival order."""
+        return self._tail(self._meta, start)
 
-    def columns(self, cols: np.ndarray) -> np.ndarray:
-        """``(rows, len(cols))`` float32 of the given column positions."""
+    def columns(self, cols: np.ndarray, start: int = 0) -> np.ndarray:
+        """``(rows, len(cols))`` float32 of the given column positions, from row ``start`` on
+        (only the chunks holding those rows are read: a tail costs O(its rows))."""
         if len(cols) and np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
-            pick = slice(int(cols[0]), int(cols[0]) + len(cols))  # a view per chunk: faster
-            return self._joined([chunk[:, pick] for chunk in self._values])
-        return self._joined([chunk[:, cols] for chunk in self._values])
+            cols = slice(int(cols[0]), int(cols[0]) + len(cols))  # a view per chunk: faster
+        return self._tail(self._values, start, cols)
 
-    def _joined(self, chunks: list[np.ndarray]) -> np.ndarray:
-        """The filled rows of the chunks, as one array."""
-        last = chunks[-1][:self._fill]
-        return last if len(chunks) == 1 else np.concatenate(chunks[:-1] + [last])
+    def _tail(self, chunks: list[np.ndarray], start: int, cols=None) -> np.ndarray:
+        """The filled rows ``start..`` of ``chunks`` (columns ``cols`` when given), as one array."""
+        first = 0
+        while first < len(chunks) - 1 and start >= len(chunks[first]):
+            start -= len(chunks[first])
+            first += 1
+        parts = [c if cols is None else c[:, cols] for c in chunks[first:]]
+        parts[-1] = parts[-1][:self._fill]
+        parts[0] = parts[0][start:]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class ColumnStore:
@@ -146,6 +152,15 @@ class ColumnStore:
         keep = superseded_mask(step, file, self.restarts)
         return _in_order([(None, step[keep].astype(np.int64), wall[keep].astype(np.float64),
                            code[keep].astype(np.int32), value[keep].astype(np.float32))])
+
+    def holder(self, codes: np.ndarray) -> Block | None:
+        """The one block holding every stored value of tags ``codes``, each tag in one column;
+        None when they are spread over several blocks (or none holds them)."""
+        holders = [b for b in self.blocks if b.n and np.isin(b.codes, codes).any()]
+        if len(holders) != 1:
+            return None
+        mine = holders[0].codes[np.isin(holders[0].codes, codes)]
+        return holders[0] if len(np.unique(mine)) == len(mine) else None
 
     def matrix(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, Z)``: ``Z[i, j]`` the value of tag ``codes[i]`` at ``steps[j]`` (NaN:

@@ -381,6 +381,32 @@ class RunReader:
                              np.int64)
             return self._store.matrix(codes)
 
+    def layer_rows(self, metric: str, start: int = 0):
+        """``(block, layers, steps, values)``: rows ``start..`` of ``metric``'s columns, with
+        ``values[i, j]`` (float64) the value of ``layers[j]`` at ``steps[i]``, read from the
+        store when the metric is laid out as the monitor writes it: one block holds all its
+        values, one column per tag, steps increasing, no restart logged. Then a caller that
+        keeps state derived from rows ``..start`` of the same ``block`` extends it with these
+        only (O(new rows)). None otherwise (the tidy table serves then).
+
+        A caller passing ``start > 0`` got the rows before it from this method (they were
+        checked then)."""
+        with self._lock:
+            metric_of, layer_of, metrics, names = self._split()
+            if metric not in metrics or self._store.restarts:
+                return None
+            codes = np.flatnonzero(metric_of == metrics.index(metric))
+            block = self._store.holder(codes)
+            if block is None:
+                return None
+            cols = np.flatnonzero(np.isin(block.codes, codes))
+            before = min(start, 1)  # the last step already read: the new ones must follow it
+            steps = block.meta(start - before)["step"]
+            if len(steps) > 1 and not (np.diff(steps) > 0).all():
+                return None
+            values = block.columns(cols, start).astype(np.float64)
+            return block, [names[i] for i in layer_of[block.codes[cols]]], steps[before:], values
+
     def table(self, metrics=None) -> pd.DataFrame:
         """The tidy table of ``metrics`` (names as in its ``metric`` column; every metric
         when None), cached until new data arrives."""

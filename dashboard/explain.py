@@ -1,26 +1,19 @@
 """What each metric means, its range, when to worry, and the alert thresholds to draw.
 
 Pure data for the app's captions and the charts' reference lines. Thresholds come from the
-alert rules' own defaults (``dashboard.alerts.find_alerts``), so a line on a chart is the
+alert rules' own defaults (``dashboard.alerts.LIMITS``), so a line on a chart is the
 level at which the Overview raises an alert.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 from dashboard import alerts
 from monitor import schema
 
 
-def _alert_defaults() -> dict[str, float]:
-    params = inspect.signature(alerts.find_alerts).parameters
-    return {name: p.default for name, p in params.items()
-            if p.default is not inspect.Parameter.empty}
-
-
-ALERT = _alert_defaults()
+ALERT = alerts.LIMITS
 
 
 @dataclass(frozen=True)
