@@ -20,10 +20,11 @@ def run_store(logdir: str) -> data.RunStore:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def rows(key: tuple, metrics: tuple[str, ...], _readers: tuple):
-    """The tidy rows of ``metrics`` of the selected runs; ``key`` holds (run dir, version)
-    pairs. Built from the readers' columns for these metrics only."""
-    return data.combine([r.table(metrics) for r in _readers])
+def rows(key: tuple, metrics: tuple[str, ...], _readers: tuple, layers: tuple | None = None):
+    """The tidy rows of ``metrics`` (of ``layers`` only, when given) of the selected runs;
+    ``key`` holds (run dir, version) pairs. Built from the readers' columns for these tags
+    only: the lines of a few layers cost O(their rows), not a whole metric's table."""
+    return data.combine([r.table(metrics, layers) for r in _readers])
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -70,8 +71,13 @@ def found_alerts(key: tuple, _readers: tuple):
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def moved(key: tuple, metric: str, _table) -> list[str]:
-    return list(transforms.movement(_table, metric).index)
+def moved(key: tuple, metric: str, _readers: tuple) -> list[str]:
+    """Layers by how far ``metric`` moved (``transforms.movement``): from one run's columns,
+    or, over several runs, from their tidy rows."""
+    if len(_readers) != 1:
+        return list(transforms.movement(rows(key, (metric,), _readers), metric).index)
+    layers = _readers[0].layers(metric)
+    return list(transforms.movement_of(layers, _readers[0].heatmap(metric, layers)[1]).index)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -407,14 +407,16 @@ class RunReader:
             values = block.columns(cols, start).astype(np.float64)
             return block, [names[i] for i in layer_of[block.codes[cols]]], steps[before:], values
 
-    def table(self, metrics=None) -> pd.DataFrame:
+    def table(self, metrics=None, layers=None) -> pd.DataFrame:
         """The tidy table of ``metrics`` (names as in its ``metric`` column; every metric
-        when None), cached until new data arrives."""
+        when None), of ``layers`` only when given, cached until new data arrives."""
         key = None if metrics is None else tuple(sorted(set(metrics)))
+        if layers is not None:
+            key = (key, tuple(layers))
         with self._lock:
             table = self._tables.pop(key, None)
             if table is None:
-                table = self._build_table(key)
+                table = self._build_table(key if layers is None else key[0], layers)
             self._tables[key] = table  # most recent last
             while len(self._tables) > MAX_TABLES:  # a table of one 7B metric: ~80 MB
                 self._tables.pop(next(iter(self._tables)))
@@ -428,20 +430,25 @@ class RunReader:
                 self._tables["nonfinite"] = self._frame(*self._store.nonfinite_rows())
             return self._tables["nonfinite"]
 
-    def _codes(self, metrics: tuple | None) -> np.ndarray | None:
-        if metrics is None:
+    def _codes(self, metrics: tuple | None, layers=None) -> np.ndarray | None:
+        if metrics is None and layers is None:
             return None
-        metric_of, _, names, _ = self._split()
-        wanted = [names.index(m) for m in metrics if m in names]
-        return np.flatnonzero(np.isin(metric_of, wanted)).astype(np.int32)
+        metric_of, layer_of, names, layer_names = self._split()
+        keep = np.ones(len(metric_of), bool)
+        if metrics is not None:
+            keep &= np.isin(metric_of, [names.index(m) for m in metrics if m in names])
+        if layers is not None:
+            wanted = set(layers)
+            keep &= np.isin(layer_of, [i for i, n in enumerate(layer_names) if n in wanted])
+        return np.flatnonzero(keep).astype(np.int32)
 
     def _split(self) -> tuple:
         if self._tag_split is None or len(self._tag_split[0]) != len(self._store.tags):
             self._tag_split = _split_tags(self._store.tags)
         return self._tag_split
 
-    def _build_table(self, metrics: tuple | None) -> pd.DataFrame:
-        return self._frame(*self._store.rows(self._codes(metrics)))
+    def _build_table(self, metrics: tuple | None, layers=None) -> pd.DataFrame:
+        return self._frame(*self._store.rows(self._codes(metrics, layers)))
 
     def _frame(self, step, wall, code, value) -> pd.DataFrame:
         metric_of, layer_of, metrics, layers = self._split()

@@ -82,9 +82,23 @@ def movement(table: pd.DataFrame, metric: str) -> pd.Series:
         names.append(str(layer))
         first.append(known[0] if len(known) else np.nan)
         last.append(known[-1] if len(known) else np.nan)
+    return _movement_score(names, np.asarray(first), np.asarray(last))
+
+
+def movement_of(layers: Sequence[str], z: np.ndarray) -> pd.Series:
+    """:func:`movement` of a layer x step matrix (``RunReader.heatmap``: row i is
+    ``layers[i]``, NaN where it logged nothing), read from the columns without a tidy table."""
+    z = np.asarray(z, float).reshape(len(layers), -1)
+    known = ~np.isnan(z)
+    has, rows = known.any(axis=1), np.arange(len(z))
+    first = np.where(has, z[rows, known.argmax(axis=1)], np.nan)
+    last = np.where(has, z[rows, z.shape[1] - 1 - known[:, ::-1].argmax(axis=1)], np.nan)
+    return _movement_score([str(name) for name in layers], first, last)
+
+
+def _movement_score(names: list[str], first: np.ndarray, last: np.ndarray) -> pd.Series:
     if not names:
         return pd.Series(dtype=float)
-    first, last = np.asarray(first), np.asarray(last)
     with np.errstate(all="ignore"):
         positive = (first > 0) & (last > 0)
         score = np.where(positive, np.abs(np.log(np.where(positive, last, 1) / np.where(positive, first, 1))),

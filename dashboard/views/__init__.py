@@ -26,13 +26,15 @@ class Context:
     style: charts.Style
     live: bool = False  # rendered inside a live-refresh fragment
 
-    def rows(self, *metrics: str) -> pd.DataFrame:
-        """The tidy rows of ``metrics`` (names of the ``metric`` column) of every run."""
-        return cache.rows(self.key, tuple(sorted(set(metrics))), self.readers)
+    def rows(self, *metrics: str, layers=None) -> pd.DataFrame:
+        """The tidy rows of ``metrics`` (names of the ``metric`` column) of every run, of
+        ``layers`` only when given (a chart of a few layers: a small table)."""
+        return cache.rows(self.key, tuple(sorted(set(metrics))), self.readers,
+                          None if layers is None else tuple(layers))
 
-    def run_rows(self, name: str, *metrics: str) -> pd.DataFrame:
+    def run_rows(self, name: str, *metrics: str, layers=None) -> pd.DataFrame:
         """The rows of ``metrics`` of one run."""
-        table = self.rows(*metrics)
+        table = self.rows(*metrics, layers=layers)
         return table[table["run"] == name] if len(self.runs) > 1 else table
 
     def metrics(self) -> list[str]:

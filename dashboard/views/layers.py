@@ -58,8 +58,7 @@ def heatmap(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
 def lines(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
     found = cache.found_alerts(ctx.key, ctx.readers)
     alerted = [str(x) for x in found[found["kind"].map(ALERT_METRIC) == metric]["layer"]]
-    table = ctx.rows(metric)
-    default = transforms.default_lines(alerted, cache.moved(ctx.key, metric, table), layers)
+    default = transforms.default_lines(alerted, cache.moved(ctx.key, metric, ctx.readers), layers)
     pattern, error = widgets.layer_pattern(
         "Layers to draw as lines (regex)", f"lines_filter_{metric}",
         default=widgets.exact_pattern(default))
@@ -71,6 +70,7 @@ def lines(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
     picked = charts.filter_layers(layers, pattern)
     if len(picked) > charts.MAX_LINES:
         st.caption(f"{len(picked)} layers match; the first {charts.MAX_LINES} are drawn.")
+    table = ctx.rows(metric, layers=picked[:charts.MAX_LINES])  # the drawn layers' rows only
     fig = charts.lines_figure(table, metric, picked, log, style=ctx.style,
                               refs=explain.reference_lines(metric), y_title=explain.unit(metric))
     widgets.chart(fig, "lines", widgets.rows_of(table, metric, picked[:charts.MAX_LINES]))

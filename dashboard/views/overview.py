@@ -78,7 +78,7 @@ def alerts_section(ctx: Context) -> None:
 def alert_chart(ctx: Context, alert: pd.Series) -> None:
     """The alerted layer's metric around the alert's step, with the alert threshold."""
     metric = ALERT_METRIC[alert["kind"]]
-    rows = ctx.run_rows(str(alert["run"]), metric)
+    rows = ctx.run_rows(str(alert["run"]), metric, layers=[str(alert["layer"])])
     rows = rows[rows["layer"] == alert["layer"]]
     steps = np.unique(rows["step"].to_numpy())
     i = int(np.searchsorted(steps, alert["step"]))
