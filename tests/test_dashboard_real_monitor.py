@@ -14,8 +14,9 @@ APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 VIEWS = ("Overview", "Layers", "Learning rates", "PSS control")
 
 
-def train(run_dir: str, steps: int, pss: bool) -> list[str]:
-    """Train a small MLP with ``monitor.watch`` (every step logged, preset full)."""
+def train(run_dir: str, steps: int, pss: bool, on_step=None) -> list[str]:
+    """Train a small MLP with ``monitor.watch`` (every step logged, preset full);
+    ``on_step(model, step)`` runs after each optimizer step (to plant a fault)."""
     import torch
     from torch import nn
 
@@ -27,12 +28,14 @@ def train(run_dir: str, steps: int, pss: bool) -> list[str]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     config = schema.PSSConfig(warmup_steps=2) if pss else None
     with monitor.watch(model, opt, logdir=run_dir, every=1, preset="full", pss=config) as mon:
-        for _ in range(steps):
+        for step in range(steps):
             x = torch.randn(32, 8)
             loss = nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long())
             loss.backward()
             opt.step()
             opt.zero_grad()
+            if on_step is not None:
+                on_step(model, step)
             mon.log(loss=loss)
     return [name for name, _ in model.named_parameters()]
 

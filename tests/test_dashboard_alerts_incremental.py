@@ -1,0 +1,151 @@
+"""Per-layer alerts kept per reader and extended with only the new rows (a live refresh)
+give exactly what a full recompute gives, and both match a slow per-layer reference."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from dashboard import alerts, data, explain
+from monitor import schema
+from tests.test_dashboard_real_monitor import train
+
+LIMITS = alerts.LIMITS
+
+
+def reference_collapse(steps, x, ratio, settle, floor):
+    """First hit of one layer, the rule written out step by step."""
+    for t, v in enumerate(x):
+        if not np.isfinite(v):
+            continue
+        before = [u for u in x[:t] if np.isfinite(u)]
+        settled = [u for u in x[settle:t] if np.isfinite(u)]
+        if (settled and v < ratio * max(settled)) or (v < floor and before and max(before) >= 2 * floor):
+            return int(steps[t]), v, max(before)
+    return None
+
+
+def reference_sje(steps, x, threshold, min_steps):
+    """(first step, last step, rows, max) of each long run above the threshold, one layer."""
+    out, run = [], []
+    for t, v in enumerate(list(x) + [-np.inf]):
+        if v > threshold:
+            run.append(t)
+        elif run:
+            if len(run) >= min_steps:
+                out.append((int(steps[run[0]]), int(steps[run[-1]]), len(run), max(x[run])))
+            run = []
+    return out
+
+
+def synthetic(rng, n, k):
+    sr = rng.lognormal(1.0, 0.5, (n, k)) * np.linspace(3, 0.4, n)[:, None] ** rng.integers(0, 2, k)
+    sje = rng.uniform(0.5, 1.0, (n, k))
+    for x in (sr, sje):
+        x[rng.random((n, k)) < 0.05] = rng.choice([np.nan, np.inf, -np.inf])
+    return np.arange(n) * 5, sr, sje
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_rules_over_random_cuts_equal_one_pass_and_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 80)), int(rng.integers(1, 7))
+    steps, sr, sje = synthetic(rng, n, k)
+    layers = [f"layer{j}" for j in range(k)]
+    limits = {**LIMITS, "settle": int(rng.integers(0, 10)), "sje_steps": int(rng.integers(1, 5))}
+    cuts = sorted(set(rng.integers(0, n + 1, int(rng.integers(1, 6))).tolist()))
+    whole = {m: alerts.layer_rule(m, layers, limits) for m in alerts.LAYER_METRICS}
+    parts = {m: alerts.layer_rule(m, layers, limits) for m in alerts.LAYER_METRICS}
+    for metric, values in ((schema.STABLE_RANK, sr), (schema.SJE, sje)):
+        whole[metric].update(steps, values)
+        for a, b in zip([0] + cuts, cuts + [n]):
+            parts[metric].update(steps[a:b], values[a:b])
+        assert parts[metric].alerts("r") == whole[metric].alerts("r")
+    found = {a[2]: (a[3], a[4]) for a in whole[schema.STABLE_RANK].alerts("r")}
+    for j, name in enumerate(layers):
+        ref = reference_collapse(steps, sr[:, j], limits["collapse_ratio"], limits["settle"],
+                                 limits["sr_floor"])
+        assert found.get(name) == (None if ref is None else (
+            ref[0], f"stable rank {ref[1]:.3g}, down from a peak of {ref[2]:.3g}"))
+    got = whole[schema.SJE].alerts("r")
+    want = [(name, first, f"SJE above {limits['sje_threshold']} for {rows} logged steps "
+                          f"(steps {first}-{last}, max {peak:.3g})")
+            for j, name in enumerate(layers)
+            for first, last, rows, peak in reference_sje(steps, sje[:, j], limits["sje_threshold"],
+                                                         limits["sje_steps"])]
+    assert [(a[2], a[3], a[4]) for a in got] == want
+
+
+def records(path: str) -> list[int]:
+    """Byte offsets where each TFRecord of an event file ends."""
+    raw, ends, pos = open(path, "rb").read(), [], 0
+    while pos < len(raw):
+        pos += 12 + int.from_bytes(raw[pos:pos + 8], "little") + 4
+        ends.append(pos)
+    return ends
+
+
+@pytest.fixture(scope="module")
+def collapsed_run(tmp_path_factory):
+    """A run of the real monitor whose middle layer is made rank one after step 12."""
+    import torch
+
+    run_dir = str(tmp_path_factory.mktemp("collapse") / "run")
+
+    def plant(model, step):
+        if step == 12:
+            with torch.no_grad():
+                w = model[2].weight
+                w.copy_(torch.outer(torch.ones(w.shape[0]), torch.randn(w.shape[1])))
+
+    train(run_dir, steps=24, pss=False, on_step=plant)
+    return run_dir
+
+
+def test_alerts_of_a_growing_real_run_equal_a_full_recompute(collapsed_run, tmp_path):
+    """The event file written by the real monitor is copied in random byte pieces (records
+    cut in the middle too); after each piece a refresh extends the kept alert state, and the
+    alerts equal those recomputed from the whole tidy table of the same rows."""
+    src = glob.glob(os.path.join(collapsed_run, "events.out.tfevents.*"))[0]
+    raw = open(src, "rb").read()
+    live = tmp_path / "live"
+    live.mkdir()
+    dst = live / os.path.basename(src)
+    reader, state = data.RunReader(str(live), "run"), alerts.RunAlerts()
+    rng = np.random.default_rng(0)
+    cuts = sorted(set(rng.integers(1, len(raw), 8).tolist()) | {records(src)[3], len(raw)})
+    seen_collapse = False
+    for cut in cuts:
+        dst.write_bytes(raw[:cut])
+        reader.refresh()
+        kept = state.update(reader)
+        assert all(v is not None for v in kept.values()), "the monitor's layout is read incrementally"
+        full = alerts.find_alerts(reader.table())
+        per_layer = full[full["kind"].isin(["stable rank collapse", "SJE sustained"])]
+        got = alerts.alerts_in(lambda *m: reader.table(m), reader.metrics(),
+                               reader.nonfinite_table(), layered=([a for v in kept.values() for a in v], []))
+        assert got.equals(alerts.alerts_in(lambda *m: reader.table(m), reader.metrics(),
+                                           reader.nonfinite_table()))
+        assert sorted(map(tuple, got[got["kind"].isin(per_layer["kind"])].to_numpy().tolist())) == \
+            sorted(map(tuple, per_layer.to_numpy().tolist()))
+        seen_collapse |= bool(((got["kind"] == "stable rank collapse") & (got["layer"] == "2.weight")
+                               & (got["step"] == 13)).any())  # the first step logged after
+    assert seen_collapse, "the planted collapse is found at its step"
+
+
+def test_a_restart_falls_back_to_the_full_recompute(collapsed_run, tmp_path):
+    reader = data.RunReader(collapsed_run, "run")
+    reader.refresh()
+    reader._store.restarts.append((1, 5))  # what a resumed job's SessionLog.START notes
+    assert reader.layer_rows(schema.STABLE_RANK) is None
+    assert all(v is None for v in alerts.RunAlerts().update(reader).values())
+
+
+def test_the_charts_draw_the_rules_own_thresholds():
+    """Before, ``explain`` read the defaults from a signature that had none (``**limits``)
+    and fell back to copies of them."""
+    assert explain.ALERT["sje_threshold"] == alerts.LIMITS["sje_threshold"] == 0.8
+    assert explain.ALERT["sr_floor"] == alerts.LIMITS["sr_floor"]
