@@ -43,17 +43,20 @@ LIMITS = {"collapse_ratio": 0.5, "settle": 20, "sr_floor": 1.5, "sje_threshold":
 LAYER_METRICS = (schema.STABLE_RANK, schema.SJE)  # the per-layer rules' metrics
 
 
-def alerts_in(rows, present, nonfinite: pd.DataFrame, layered=None, **limits) -> pd.DataFrame:
+def alerts_in(rows, present, nonfinite: pd.DataFrame, kept: dict | None = None,
+              **limits) -> pd.DataFrame:
     """:func:`find_alerts` reading only what it needs: ``rows(*metrics)`` gives the tidy rows
     of some metrics, ``present`` names the metrics logged, ``nonfinite`` holds the NaN and
     infinite values of every metric (``RunReader.nonfinite_table`` notes them as they
     arrive). The app passes its per-metric tables: on a 27M-scalar run a table of
-    everything costs seconds. ``layered``: the per-layer alerts (collapse, SJE) of those
-    metrics already found (:class:`RunAlerts`, kept up to date per reader), as
-    ``(alerts, metrics left to do here)``; None: all found here from ``rows``."""
+    everything costs seconds. ``kept``: ``{run: RunAlerts.update(its reader)}``, the rules
+    kept up to date per run; what it lacks (None) is found here from ``rows``."""
     limits = {**LIMITS, **limits}
-    out, todo = layered if layered is not None else ([], LAYER_METRICS)
-    out = list(out)
+    kept = kept or {}
+    todo = [m for m in LAYER_METRICS
+            if not kept or any(k.get(m, ()) is None for k in kept.values())]
+    out = [a for k in kept.values() for m in LAYER_METRICS if m not in todo
+           for a in k.get(m, ())]
     for metric in todo:
         if metric not in present:
             continue
@@ -64,7 +67,8 @@ def alerts_in(rows, present, nonfinite: pd.DataFrame, layered=None, **limits) ->
     out.extend(_nonfinite_values(nonfinite, rows))
     out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), limits["overhead_limit"]))
     signals = {rule.signal for rule in rules.DEFAULT_RULES}
-    out.extend(_rule_alerts(rows(*[m for m in present if m in signals or m.startswith("alert/")])))
+    out.extend(_rule_alerts(rows(*[m for m in present if m in signals or m.startswith("alert/")]),
+                            {run: k.get(REPLAY) for run, k in kept.items()}))
     frame = pd.DataFrame(out, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
@@ -76,41 +80,70 @@ def layer_rule(metric: str, layers, limits: dict):
     return SustainedSJE(layers, limits["sje_threshold"], limits["sje_steps"])
 
 
+class Replayed:
+    """The default rules of ``monitor.alerts`` (the job's own module) replayed on the logged
+    steps, as a running computation: the engine (its moving averages and cooldowns) is
+    carried, so new rows only extend it. ``tags[j]`` names column j of each update."""
+
+    def __init__(self, tags=()) -> None:
+        self.tags = list(tags)
+        self.engine = rules.AlertEngine(rules.DEFAULT_RULES)
+        self.found: list[rules.Alert] = []
+
+    def update(self, steps: np.ndarray, values: np.ndarray) -> Replayed:
+        return self.feed(zip(steps.tolist(), (dict(zip(self.tags, row)) for row in values.tolist())))
+
+    def feed(self, steps) -> Replayed:
+        """Extend with ``(step, {tag: value})`` pairs in increasing step order."""
+        for step, values in steps:
+            self.found.extend(self.engine.update(int(step), values))
+        return self
+
+    def alerts(self, run) -> list[tuple]:
+        return [(run, f"rule {a.rule}", a.layer or "(all)", a.step,
+                 f"replayed on the logged steps: {a.describe()}") for a in self.found]
+
+
+REPLAY = "rules replayed"  # RunAlerts' key of the replayed rules
+
+
 class RunAlerts:
-    """One run's per-layer alerts, kept up to date from its reader's columns: each call feeds
-    the rule states (:class:`Collapse`, :class:`SustainedSJE`) only the rows logged since the
-    last (``RunReader.layer_rows``), so a live refresh costs O(new rows) and gives what a
-    full recompute gives. A metric not laid out as the monitor writes it (a restart, several
-    layouts) is left to the caller (the tidy table)."""
+    """One run's per-layer alerts and replayed rules, kept up to date from its reader's
+    columns: each call feeds the running states (:class:`Collapse`, :class:`SustainedSJE`,
+    :class:`Replayed`) only the rows logged since the last (``RunReader.layer_rows``), so a
+    live refresh costs O(new rows) and gives what a full recompute gives. What is not laid
+    out as the monitor writes it (a restart, several layouts) is left to the caller (the
+    tidy tables, :func:`alerts_in`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: dict[str, tuple] = {}  # metric -> (block, rows fed, limits, rule state)
+        self._states: dict[str, tuple] = {}  # key -> (block, rows fed, limits, running state)
 
     def update(self, reader, **limits) -> dict[str, list[tuple] | None]:
-        """``{metric: alerts}`` of ``reader``'s per-layer rules on the metrics it logged;
-        None for a metric not laid out for this (the caller uses the tidy table)."""
+        """``{metric or REPLAY: alerts}`` of ``reader`` (the per-layer rules on the metrics it
+        logged, and the replayed rules); None where the caller must use the tidy table."""
         limits = {**LIMITS, **limits}
         logged = reader.metrics()
+        signals = sorted({rule.signal for rule in rules.DEFAULT_RULES})
         with self._lock:
-            return {metric: (None if (state := self._extend(reader, metric, limits)) is None
-                             else state.alerts(reader.name))
-                    for metric in LAYER_METRICS if metric in logged}
+            states = {m: self._extend(reader, m, m, limits) for m in LAYER_METRICS if m in logged}
+            states[REPLAY] = self._extend(reader, REPLAY, signals, None)
+            return {key: None if state is None else state.alerts(reader.name)
+                    for key, state in states.items()}
 
-    def _extend(self, reader, metric: str, limits: dict):
-        block, fed, known, state = self._states.get(metric, (None, 0, None, None))
+    def _extend(self, reader, key: str, metrics, limits: dict | None):
+        block, fed, known, state = self._states.get(key, (None, 0, None, None))
         start = fed if known == limits else 0
-        got = reader.layer_rows(metric, start)
-        if got is not None and start and got[0] is not block:  # another layout or reader
-            start, got = 0, reader.layer_rows(metric, 0)
+        got = reader.layer_rows(metrics, start)
+        if got is not None and start and got.block is not block:  # another layout or reader
+            start, got = 0, reader.layer_rows(metrics, 0)
         if got is None:
-            self._states.pop(metric, None)
+            self._states.pop(key, None)
             return None
-        block, layers, steps, values = got
         if not start:
-            state = layer_rule(metric, layers, limits)
-        state.update(steps, values)
-        self._states[metric] = (block, start + len(steps), limits, state)
+            state = Replayed(got.tags) if key == REPLAY else layer_rule(key, got.layers, limits)
+        state.update(got.steps, got.values)
+        self._states[key] = (got.block, start + len(got.steps), limits, state)
         return state
 
 
@@ -321,8 +354,9 @@ def _undefined_update_ratio(rows, bad: pd.DataFrame) -> np.ndarray:
     return mask
 
 
-def _rule_alerts(table: pd.DataFrame) -> list[tuple]:
-    """The job's alert rules: firings it wrote (``alert/<rule>``), else the defaults replayed."""
+def _rule_alerts(table: pd.DataFrame, replayed: dict | None = None) -> list[tuple]:
+    """The job's alert rules: firings it wrote (``alert/<rule>``), else the defaults replayed
+    (``replayed[run]``: kept up to date by :class:`RunAlerts`; else replayed here)."""
     metrics = [str(m) for m in table["metric"].cat.categories] if len(table) else []
     written = [m for m in metrics if m.startswith("alert/") and m.split("/", 1)[1] not in rules.RESERVED]
     out = []
@@ -332,9 +366,9 @@ def _rule_alerts(table: pd.DataFrame) -> list[tuple]:
             out.append((run, f"rule {metric.split('/', 1)[1]}", "(all)", int(step),
                         f"fired in the job (layer and value: text {schema.TAG_ALERT_EVENTS})"))
         if not len(fired):
-            for alert in rules.replay(_step_values(group, rules.DEFAULT_RULES), rules.DEFAULT_RULES):
-                out.append((run, f"rule {alert.rule}", alert.layer or "(all)", alert.step,
-                            f"replayed on the logged steps: {alert.describe()}"))
+            done = (replayed or {}).get(run)
+            out.extend(done if done is not None else
+                       Replayed().feed(_step_values(group, rules.DEFAULT_RULES)).alerts(run))
     return out
 
 

@@ -58,16 +58,13 @@ def run_alerts(run_dir: str) -> alerts.RunAlerts:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def found_alerts(key: tuple, _readers: tuple):
-    """The alerts of the selected runs: the per-layer rules from each run's kept state
-    (O(new rows) per refresh), the others from the small tables of global tags, and the
-    non-finite values noted while reading."""
-    found = [run_alerts(r.run_dir).update(r) for r in _readers]
-    todo = [m for m in alerts.LAYER_METRICS if any(f.get(m, ()) is None for f in found)]
-    done = [a for f in found for m, got in f.items() if m not in todo for a in got]
+    """The alerts of the selected runs: the per-layer rules and the replayed job rules from
+    each run's kept state (O(new rows) per refresh), the others from the small tables of
+    global tags, and the non-finite values noted while reading."""
     return alerts.alerts_in(lambda *m: rows(key, tuple(sorted(set(m))), _readers),
                             metrics(key, _readers),
                             data.combine([r.nonfinite_table() for r in _readers]),
-                            layered=(done, todo))
+                            kept={r.name: run_alerts(r.run_dir).update(r) for r in _readers})
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -37,6 +37,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -183,6 +184,17 @@ class _FileState:
         self.error: str | None = None  # set once the file is found corrupt; reading stops
         self.pending = 0  # bytes of an incomplete record at the end (retried next refresh)
         self.index = index  # order of the file in the run (event file names start with their time)
+
+
+class TailRows(NamedTuple):
+    """What :meth:`RunReader.layer_rows` returns: ``values[i, j]`` is the value of tag
+    ``tags[j]`` (layer ``layers[j]``) at ``steps[i]``; ``block`` names where they were read."""
+
+    block: object
+    tags: list[str]
+    layers: list[str]
+    steps: np.ndarray
+    values: np.ndarray
 
 
 class RunReader:
@@ -381,21 +393,21 @@ class RunReader:
                              np.int64)
             return self._store.matrix(codes)
 
-    def layer_rows(self, metric: str, start: int = 0):
-        """``(block, layers, steps, values)``: rows ``start..`` of ``metric``'s columns, with
-        ``values[i, j]`` (float64) the value of ``layers[j]`` at ``steps[i]``, read from the
-        store when the metric is laid out as the monitor writes it: one block holds all its
+    def layer_rows(self, metrics, start: int = 0) -> TailRows | None:
+        """Rows ``start..`` of the columns of ``metrics`` (a name or several), read from the
+        store when they are laid out as the monitor writes them: one block holds all their
         values, one column per tag, steps increasing, no restart logged. Then a caller that
         keeps state derived from rows ``..start`` of the same ``block`` extends it with these
         only (O(new rows)). None otherwise (the tidy table serves then).
 
         A caller passing ``start > 0`` got the rows before it from this method (they were
         checked then)."""
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         with self._lock:
-            metric_of, layer_of, metrics, names = self._split()
-            if metric not in metrics or self._store.restarts:
+            metric_of, layer_of, names, layers = self._split()
+            if not set(metrics) <= set(names) or self._store.restarts:
                 return None
-            codes = np.flatnonzero(metric_of == metrics.index(metric))
+            codes = np.flatnonzero(np.isin(metric_of, [names.index(m) for m in metrics]))
             block = self._store.holder(codes)
             if block is None:
                 return None
@@ -404,8 +416,10 @@ class RunReader:
             steps = block.meta(start - before)["step"]
             if len(steps) > 1 and not (np.diff(steps) > 0).all():
                 return None
-            values = block.columns(cols, start).astype(np.float64)
-            return block, [names[i] for i in layer_of[block.codes[cols]]], steps[before:], values
+            tags = block.codes[cols]
+            return TailRows(block, [self._store.tags[c] for c in tags],
+                            [layers[i] for i in layer_of[tags]], steps[before:],
+                            block.columns(cols, start).astype(np.float64))
 
     def table(self, metrics=None, layers=None) -> pd.DataFrame:
         """The tidy table of ``metrics`` (names as in its ``metric`` column; every metric

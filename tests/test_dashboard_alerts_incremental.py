@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dashboard import alerts, data, explain
+from monitor import alerts as rules
 from monitor import schema
 from tests.test_dashboard_real_monitor import train
 
@@ -79,6 +80,28 @@ def test_incremental_rules_over_random_cuts_equal_one_pass_and_the_reference(see
     assert [(a[2], a[3], a[4]) for a in got] == want
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_replayed_rules_over_random_cuts_equal_the_monitors_replay(seed):
+    """The job's rules replayed piece by piece (engine carried) == ``monitor.alerts.replay``
+    over all steps at once, spikes, NaN and cooldowns included."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    norms = rng.lognormal(0, 0.2, n)
+    norms[rng.random(n) < 0.05] *= rng.uniform(5, 50)
+    norms[rng.random(n) < 0.01] = np.nan
+    steps = np.arange(n) * 2
+    tags = [schema.TAG_GLOBAL_GRAD_NORM, schema.TAG_LOSS]
+    values = np.c_[norms, rng.random(n)]
+    want = rules.replay([(int(s), dict(zip(tags, row))) for s, row in zip(steps, values.tolist())],
+                        rules.DEFAULT_RULES)
+    state = alerts.Replayed(tags)
+    cuts = sorted(set(rng.integers(0, n + 1, 4).tolist()))
+    for a, b in zip([0] + cuts, cuts + [n]):
+        state.update(steps[a:b], values[a:b])
+    assert state.found == want
+    assert seed or want, "some seed fires"
+
+
 def records(path: str) -> list[int]:
     """Byte offsets where each TFRecord of an event file ends."""
     raw, ends, pos = open(path, "rb").read(), [], 0
@@ -122,11 +145,14 @@ def test_alerts_of_a_growing_real_run_equal_a_full_recompute(collapsed_run, tmp_
         dst.write_bytes(raw[:cut])
         reader.refresh()
         kept = state.update(reader)
-        assert all(v is not None for v in kept.values()), "the monitor's layout is read incrementally"
+        logged = reader.metrics()
+        assert all(v is not None for k, v in kept.items()
+                   if k != alerts.REPLAY or schema.TAG_GLOBAL_GRAD_NORM in logged), \
+            "the monitor's layout is read incrementally"
         full = alerts.find_alerts(reader.table())
         per_layer = full[full["kind"].isin(["stable rank collapse", "SJE sustained"])]
         got = alerts.alerts_in(lambda *m: reader.table(m), reader.metrics(),
-                               reader.nonfinite_table(), layered=([a for v in kept.values() for a in v], []))
+                               reader.nonfinite_table(), kept={"run": kept})
         assert got.equals(alerts.alerts_in(lambda *m: reader.table(m), reader.metrics(),
                                            reader.nonfinite_table()))
         assert sorted(map(tuple, got[got["kind"].isin(per_layer["kind"])].to_numpy().tolist())) == \
