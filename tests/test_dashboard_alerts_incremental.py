@@ -175,3 +175,26 @@ def test_the_charts_draw_the_rules_own_thresholds():
     and fell back to copies of them."""
     assert explain.ALERT["sje_threshold"] == alerts.LIMITS["sje_threshold"] == 0.8
     assert explain.ALERT["sr_floor"] == alerts.LIMITS["sr_floor"]
+
+
+def test_movement_and_line_rows_from_the_columns_equal_the_tidy_table_path(collapsed_run):
+    """What the Layers view now reads per version (movement from the columns, the drawn
+    layers' rows only) equals what it read from the whole metric's tidy table."""
+    from dashboard import transforms
+
+    reader = data.RunReader(collapsed_run, "run")
+    reader.refresh()
+    for metric in (schema.STABLE_RANK, schema.UPDATE_RATIO):  # update_ratio: NaN where w = 0
+        layers = reader.layers(metric)
+        whole = reader.table([metric])
+        by_table = transforms.movement(whole, metric)
+        by_columns = transforms.movement_of(layers, reader.heatmap(metric, layers)[1])
+        assert list(by_columns.index) == list(by_table.index)
+        np.testing.assert_array_equal(by_columns.to_numpy(), by_table.to_numpy())
+        picked = layers[1:3]
+        some = reader.table([metric], picked)
+        want = whole[whole["layer"].isin(picked)].reset_index(drop=True)
+        assert len(some) == len(want) > 0
+        for col in ("step", "wall_time", "value"):
+            np.testing.assert_array_equal(some[col].to_numpy(), want[col].to_numpy())
+        assert list(some["layer"].astype(str)) == list(want["layer"].astype(str))
