@@ -198,3 +198,25 @@ def test_movement_and_line_rows_from_the_columns_equal_the_tidy_table_path(colla
         for col in ("step", "wall_time", "value"):
             np.testing.assert_array_equal(some[col].to_numpy(), want[col].to_numpy())
         assert list(some["layer"].astype(str)) == list(want["layer"].astype(str))
+
+
+def test_rows_of_some_layers_keep_the_runs_of_the_whole_table(tmp_path):
+    """A line chart colours by run index: the drawn layers' rows must list the same runs as
+    the whole metric's table, also when the first run lacks those layers."""
+    from dashboard import cache, charts
+    from dashboard.views import Context
+    from tests.dashboard_fixtures import layer_names, write_run
+
+    write_run(str(tmp_path / "a"), n_layers=2, steps=20)
+    write_run(str(tmp_path / "b"), n_layers=6, steps=20)
+    runs = [r for r in data.discover_runs(str(tmp_path))]
+    key, readers = cache.load(str(tmp_path), runs)
+    ctx = Context(str(tmp_path), runs, key, readers, charts.Style())
+    only_b = [layer_names(6)[3]]  # blocks.1.attn.weight: not in a run of 2 layers
+    some, whole = ctx.rows(schema.STABLE_RANK, layers=only_b), ctx.rows(schema.STABLE_RANK)
+    assert list(some["run"].cat.categories) == list(whole["run"].cat.categories)
+    assert set(some["run"].astype(str)) == {"b"}
+    fig_some = charts.lines_figure(some, schema.STABLE_RANK, only_b)
+    fig_whole = charts.lines_figure(whole, schema.STABLE_RANK, only_b)
+    assert [t.line.color for t in fig_some.data] == [t.line.color for t in fig_whole.data]
+    assert [t.name for t in fig_some.data] == [t.name for t in fig_whole.data]

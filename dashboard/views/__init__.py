@@ -29,8 +29,13 @@ class Context:
     def rows(self, *metrics: str, layers=None) -> pd.DataFrame:
         """The tidy rows of ``metrics`` (names of the ``metric`` column) of every run, of
         ``layers`` only when given (a chart of a few layers: a small table)."""
-        return cache.rows(self.key, tuple(sorted(set(metrics))), self.readers,
-                          None if layers is None else tuple(layers))
+        table = cache.rows(self.key, tuple(sorted(set(metrics))), self.readers,
+                           None if layers is None else tuple(layers))
+        if layers is None or not len(table):
+            return table
+        # the runs (colours, legend) stay those that logged the metrics, as in a whole table
+        runs = [r.name for r in self.readers if set(metrics) & set(r.metrics())]
+        return table.assign(run=table["run"].cat.set_categories(runs))
 
     def run_rows(self, name: str, *metrics: str, layers=None) -> pd.DataFrame:
         """The rows of ``metrics`` of one run."""
