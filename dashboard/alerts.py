@@ -1,4 +1,9 @@
-"""Alerts a user should not miss, found in a tidy table; each names its run, layer and step.
+"""Alerts a user should not miss, each naming its run, layer and step.
+
+The per-layer rules and the replayed job rules are running computations over the logged
+steps (:class:`Collapse`, :class:`SustainedSJE`, :class:`Replayed`): fed all rows of a tidy
+table at once (:func:`find_alerts`, :func:`alerts_in`) or, in the app, only the rows each
+refresh adds (:class:`RunAlerts`, one per run), with the same result.
 
 - ``stable rank collapse`` (a "parametric singularity", SPEC 2): a layer's stable rank falls
   below ``collapse_ratio`` times the highest value it had since the first ``settle`` logged
