@@ -122,7 +122,7 @@ class RunAlerts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: dict[str, tuple] = {}  # key -> (block, rows fed, limits, running state)
+        self._states: dict[str, tuple] = {}  # key -> (position read to, limits, running state)
 
     def update(self, reader, **limits) -> dict[str, list[tuple] | None]:
         """``{metric or REPLAY: alerts}`` of ``reader`` (the per-layer rules on the metrics it
@@ -137,18 +137,15 @@ class RunAlerts:
                     for key, state in states.items()}
 
     def _extend(self, reader, key: str, metrics, limits: dict | None):
-        block, fed, known, state = self._states.get(key, (None, 0, None, None))
-        start = fed if known == limits else 0
-        got = reader.layer_rows(metrics, start)
-        if got is not None and start and got.block is not block:  # another layout or reader
-            start, got = 0, reader.layer_rows(metrics, 0)
+        position, known, state = self._states.get(key, (None, None, None))
+        got = reader.layer_rows(metrics, position if known == limits else None)
         if got is None:
             self._states.pop(key, None)
             return None
-        if not start:
+        if got.fresh:
             state = Replayed(got.tags) if key == REPLAY else layer_rule(key, got.layers, limits)
         state.update(got.steps, got.values)
-        self._states[key] = (got.block, start + len(got.steps), limits, state)
+        self._states[key] = (got.position, limits, state)
         return state
 
 

@@ -153,14 +153,34 @@ class ColumnStore:
         return _in_order([(None, step[keep].astype(np.int64), wall[keep].astype(np.float64),
                            code[keep].astype(np.int32), value[keep].astype(np.float32))])
 
-    def holder(self, codes: np.ndarray) -> Block | None:
-        """The one block holding every stored value of tags ``codes``, each tag in one column;
-        None when they are spread over several blocks (or none holds them)."""
+    def tail(self, codes: np.ndarray, after: tuple | None = None):
+        """``(fresh, position, codes, steps, values)``: the rows of tags ``codes`` stored
+        since ``position`` (what an earlier call returned; None: every row), in arrival
+        order, ``values`` (rows, tags) float32, when they are laid out as the monitor writes
+        them: every block holding them holds all of them, in one order (a first step or a
+        PSS step may order other tags differently), steps increase in arrival order, no
+        restart logged. ``fresh``: read from the first row (``after`` was None, or the
+        blocks changed). None when the layout is not so (the tidy rows serve then)."""
         holders = [b for b in self.blocks if b.n and np.isin(b.codes, codes).any()]
-        if len(holders) != 1:
+        if self.restarts or not holders:
             return None
-        mine = holders[0].codes[np.isin(holders[0].codes, codes)]
-        return holders[0] if len(np.unique(mine)) == len(mine) else None
+        cols = [np.flatnonzero(np.isin(b.codes, codes)) for b in holders]
+        order = holders[0].codes[cols[0]]
+        if len(np.unique(order)) != len(order) or any(
+                not np.array_equal(b.codes[c], order) for b, c in zip(holders, cols)):
+            return None
+        fresh = after is None or [b for b, _ in after] != holders  # Block compares by identity
+        starts = [0] * len(holders) if fresh else [n for _, n in after]
+        meta = np.concatenate([b.meta(n) for b, n in zip(holders, starts)])
+        values = np.concatenate([b.columns(c, n) for b, c, n in zip(holders, cols, starts)])
+        if len(holders) > 1:
+            by_arrival = np.argsort(meta["seq"], kind="stable")
+            meta, values = meta[by_arrival], values[by_arrival]
+        steps = meta["step"]
+        before = [] if fresh else [int(b.meta(n - 1)["step"][0]) for b, n in after if n]
+        if len(steps) and (np.diff(np.r_[max(before, default=steps[0] - 1), steps]) <= 0).any():
+            return None
+        return fresh, tuple((b, b.n) for b in holders), order, steps, values
 
     def matrix(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, Z)``: ``Z[i, j]`` the value of tag ``codes[i]`` at ``steps[j]`` (NaN:

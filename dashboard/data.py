@@ -188,9 +188,11 @@ class _FileState:
 
 class TailRows(NamedTuple):
     """What :meth:`RunReader.layer_rows` returns: ``values[i, j]`` is the value of tag
-    ``tags[j]`` (layer ``layers[j]``) at ``steps[i]``; ``block`` names where they were read."""
+    ``tags[j]`` (layer ``layers[j]``) at ``steps[i]``; ``position``: where the next call
+    starts; ``fresh``: these rows start from the run's first."""
 
-    block: object
+    fresh: bool
+    position: tuple
     tags: list[str]
     layers: list[str]
     steps: np.ndarray
@@ -393,33 +395,26 @@ class RunReader:
                              np.int64)
             return self._store.matrix(codes)
 
-    def layer_rows(self, metrics, start: int = 0) -> TailRows | None:
-        """Rows ``start..`` of the columns of ``metrics`` (a name or several), read from the
-        store when they are laid out as the monitor writes them: one block holds all their
-        values, one column per tag, steps increasing, no restart logged. Then a caller that
-        keeps state derived from rows ``..start`` of the same ``block`` extends it with these
-        only (O(new rows)). None otherwise (the tidy table serves then).
-
-        A caller passing ``start > 0`` got the rows before it from this method (they were
-        checked then)."""
+    def layer_rows(self, metrics, after: tuple | None = None) -> TailRows | None:
+        """The rows of the tags of ``metrics`` (a name or several) logged since ``after``
+        (the ``position`` an earlier call returned; None: all), read from the columns when
+        they are laid out as the monitor writes them (``ColumnStore.tail``). A caller keeping
+        state derived from the rows before ``after`` extends it with these only (O(new
+        rows)); when ``fresh``, the rows start from the first and the state starts anew.
+        None when not laid out so (the tidy table serves then)."""
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         with self._lock:
             metric_of, layer_of, names, layers = self._split()
-            if not set(metrics) <= set(names) or self._store.restarts:
+            if not set(metrics) <= set(names):
                 return None
             codes = np.flatnonzero(np.isin(metric_of, [names.index(m) for m in metrics]))
-            block = self._store.holder(codes)
-            if block is None:
+            got = self._store.tail(codes, after)
+            if got is None:
                 return None
-            cols = np.flatnonzero(np.isin(block.codes, codes))
-            before = min(start, 1)  # the last step already read: the new ones must follow it
-            steps = block.meta(start - before)["step"]
-            if len(steps) > 1 and not (np.diff(steps) > 0).all():
-                return None
-            tags = block.codes[cols]
-            return TailRows(block, [self._store.tags[c] for c in tags],
-                            [layers[i] for i in layer_of[tags]], steps[before:],
-                            block.columns(cols, start).astype(np.float64))
+            fresh, position, codes, steps, values = got
+            return TailRows(fresh, position, [self._store.tags[c] for c in codes],
+                            [layers[i] for i in layer_of[codes]], steps,
+                            values.astype(np.float64))
 
     def table(self, metrics=None, layers=None) -> pd.DataFrame:
         """The tidy table of ``metrics`` (names as in its ``metric`` column; every metric

@@ -111,12 +111,9 @@ def records(path: str) -> list[int]:
     return ends
 
 
-@pytest.fixture(scope="module")
-def collapsed_run(tmp_path_factory):
+def planted_run(run_dir: str, pss: bool) -> str:
     """A run of the real monitor whose middle layer is made rank one after step 12."""
     import torch
-
-    run_dir = str(tmp_path_factory.mktemp("collapse") / "run")
 
     def plant(model, step):
         if step == 12:
@@ -124,15 +121,29 @@ def collapsed_run(tmp_path_factory):
                 w = model[2].weight
                 w.copy_(torch.outer(torch.ones(w.shape[0]), torch.randn(w.shape[1])))
 
-    train(run_dir, steps=24, pss=False, on_step=plant)
+    train(run_dir, steps=24, pss=pss, on_step=plant)
     return run_dir
 
 
-def test_alerts_of_a_growing_real_run_equal_a_full_recompute(collapsed_run, tmp_path):
+@pytest.fixture(scope="module")
+def collapsed_run(tmp_path_factory):
+    return planted_run(str(tmp_path_factory.mktemp("collapse") / "run"), pss=False)
+
+
+@pytest.fixture(scope="module")
+def collapsed_pss_run(tmp_path_factory):
+    """The same with PSS on: its first step orders the PSS tags differently, so each
+    metric's columns live in two blocks."""
+    return planted_run(str(tmp_path_factory.mktemp("collapse_pss") / "run"), pss=True)
+
+
+@pytest.mark.parametrize("pss", [False, True])
+def test_alerts_of_a_growing_real_run_equal_a_full_recompute(pss, request, tmp_path):
     """The event file written by the real monitor is copied in random byte pieces (records
     cut in the middle too); after each piece a refresh extends the kept alert state, and the
     alerts equal those recomputed from the whole tidy table of the same rows."""
-    src = glob.glob(os.path.join(collapsed_run, "events.out.tfevents.*"))[0]
+    run = request.getfixturevalue("collapsed_pss_run" if pss else "collapsed_run")
+    src = glob.glob(os.path.join(run, "events.out.tfevents.*"))[0]
     raw = open(src, "rb").read()
     live = tmp_path / "live"
     live.mkdir()
@@ -159,7 +170,9 @@ def test_alerts_of_a_growing_real_run_equal_a_full_recompute(collapsed_run, tmp_
             sorted(map(tuple, per_layer.to_numpy().tolist()))
         seen_collapse |= bool(((got["kind"] == "stable rank collapse") & (got["layer"] == "2.weight")
                                & (got["step"] == 13)).any())  # the first step logged after
-    assert seen_collapse, "the planted collapse is found at its step"
+    assert seen_collapse or pss, "the planted collapse is found at its step"
+    if pss:
+        assert len({b for b in reader._store.blocks if b.n > 0}) > 2, "several layouts read"
 
 
 def test_a_restart_falls_back_to_the_full_recompute(collapsed_run, tmp_path):
@@ -220,3 +233,37 @@ def test_rows_of_some_layers_keep_the_runs_of_the_whole_table(tmp_path):
     fig_whole = charts.lines_figure(whole, schema.STABLE_RANK, only_b)
     assert [t.line.color for t in fig_some.data] == [t.line.color for t in fig_whole.data]
     assert [t.name for t in fig_some.data] == [t.name for t in fig_whole.data]
+
+
+def test_column_tail_across_layouts_positions_and_refusals():
+    """``ColumnStore.tail``: rows of several layouts merged in arrival order, continued from
+    a position, read afresh when a new layout holds the tags, refused (None) when the tags'
+    order differs between layouts or a step goes back."""
+    from dashboard.columns import ColumnStore
+
+    store = ColumnStore()
+    a, b, x, y = (store.code(t) for t in ("m/a", "m/b", "x", "y"))
+    first, rest = np.array([x, a, b]), np.array([a, b, y])
+    store.add(0, 0.0, 0, first, [9, 1, 2])
+    for step in (1, 2):
+        store.add(step, 0.0, 0, rest, [step + 1, step + 2, 7])
+    codes = np.array([a, b])
+    fresh, pos, order, steps, values = store.tail(codes)
+    assert fresh and list(order) == [a, b] and list(steps) == [0, 1, 2]
+    np.testing.assert_array_equal(values, [[1, 2], [2, 3], [3, 4]])
+    store.add(3, 0.0, 0, rest, [4, 5, 7])
+    store.add(4, 0.0, 0, first, [9, 5, 6])
+    fresh, pos, _, steps, values = store.tail(codes, pos)
+    assert not fresh and list(steps) == [3, 4]
+    np.testing.assert_array_equal(values, [[4, 5], [5, 6]])
+    assert len(store.tail(codes, pos)[3]) == 0  # nothing new
+    store.add(5, 0.0, 0, np.array([a, b]), [1, 1])  # a third layout: read afresh
+    fresh, pos, _, steps, _ = store.tail(codes, pos)
+    assert fresh and list(steps) == [0, 1, 2, 3, 4, 5]
+    store.add(5, 0.0, 0, rest, [1, 1, 1])  # step 5 again
+    assert store.tail(codes, pos) is None and store.tail(codes) is None
+    other = ColumnStore()
+    a, b = other.code("m/a"), other.code("m/b")
+    other.add(0, 0.0, 0, np.array([a, b]), [1, 2])
+    other.add(1, 0.0, 0, np.array([b, a]), [1, 2])  # the tags' order differs
+    assert other.tail(np.array([a, b])) is None
