@@ -327,17 +327,17 @@ def recovery(store: Store, eta: float, seeds) -> str:
 
 def reset_measurement(eta: float, setup: Setup) -> str:
     """Adam's next update after reset_optimizer_state: dropped state (old) vs kept v (new)."""
-    from benchmarks.pss_testbed import TinyGPT, batch, make_optimizer
+    from benchmarks.pss_testbed import batch, make_model, make_optimizer
     from monitor.pss.state import reset_optimizer_state
     import copy
     torch.manual_seed(0)
-    model = TinyGPT(setup)
+    model = make_model(setup)
     opt = make_optimizer("none", model, setup, eta)
     gen = torch.Generator().manual_seed(1)
     rms = []
     for t in range(301):
         opt.zero_grad()
-        model(*batch("train", setup, gen)).backward()
+        model(*batch("train", setup, gen))[1].backward()
         if t == 300:
             break
         before = [p.detach().clone() for p in model.parameters()]

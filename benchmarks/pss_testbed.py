@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.spike_model import SpikeGPT, SpikeGPTConfig  # noqa: E402
 from demos.data import encode, stdlib_text  # noqa: E402
 from monitor.pss.controller import PSSController, PSSStepResult  # noqa: E402
 from monitor.schema import PSSConfig  # noqa: E402
@@ -67,6 +67,9 @@ class Setup:
     min_lr_frac: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
     val_batches: int = 16
+    post_ln: bool = False  # post-LN blocks (spike_model.py)
+    beta2: float = 0.95
+    eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -110,52 +113,11 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, d: int, n_head: int, qk_ln: bool) -> None:
-        super().__init__()
-        self.c_attn, self.c_proj, self.n_head = nn.Linear(d, 3 * d), nn.Linear(d, d), n_head
-        hd = d // n_head
-        self.q_ln = nn.LayerNorm(hd) if qk_ln else nn.Identity()
-        self.k_ln = nn.LayerNorm(hd) if qk_ln else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
-        y = F.scaled_dot_product_attention(self.q_ln(q), self.k_ln(k), v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, n_head: int, qk_ln: bool) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_head, qk_ln)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-LN
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, s: Setup, qk_ln: bool = False, vocab: int = 128) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, s.n_embd), nn.Embedding(s.block_size, s.n_embd)
-        self.blocks = nn.ModuleList([Block(s.n_embd, s.n_head, qk_ln) for _ in range(s.n_layer)])
-        self.ln_f, self.head = nn.LayerNorm(s.n_embd), nn.Linear(s.n_embd, vocab, bias=False)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+def make_model(s: Setup, qk_norm: bool = False) -> SpikeGPT:
+    """The testbed's GPT (``benchmarks/spike_model.py``) sized by ``s``."""
+    return SpikeGPT(SpikeGPTConfig(vocab_size=128, block_size=s.block_size, n_layer=s.n_layer,
+                                   n_head=s.n_head, n_embd=s.n_embd, qk_norm=qk_norm,
+                                   post_ln=s.post_ln))
 
 
 def block_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -191,7 +153,7 @@ def lr_at(step: int, s: Setup, peak: float) -> float:
 @torch.no_grad()
 def validation_loss(model: nn.Module, s: Setup) -> float:
     gen = torch.Generator().manual_seed(12345)  # the same held-out batches for every run
-    losses = [float(model(*batch("val", s, gen))) for _ in range(s.val_batches)]
+    losses = [float(model(*batch("val", s, gen))[0]) for _ in range(s.val_batches)]
     return sum(losses) / len(losses)
 
 
@@ -267,11 +229,11 @@ def make_optimizer(arm: str, model: nn.Module, s: Setup, lr: float) -> torch.opt
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if arm == "adagc":
         from pytorch_optimizer import AdaGC
-        return AdaGC(groups, lr=lr, betas=(0.9, 0.95))
+        return AdaGC(groups, lr=lr, betas=(0.9, s.beta2), eps=s.eps)
     if arm == "spam":
         from pytorch_optimizer import SPAM
-        return SPAM(groups, lr=lr, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+        return SPAM(groups, lr=lr, betas=(0.9, s.beta2))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, s.beta2), eps=s.eps, fused=True)
 
 
 def _collapsed(out: RunResult, s: Setup) -> bool:
@@ -294,7 +256,7 @@ def train(spec: RunSpec) -> RunResult:
     torch.set_num_threads(1)
     s = spec.setup
     torch.manual_seed(spec.seed)
-    model = TinyGPT(s, qk_ln=spec.arm == "qkln")
+    model = make_model(s, qk_norm=spec.arm == "qkln")
     opt = make_optimizer(spec.arm, model, s, spec.lr)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(1000 + spec.seed)  # same data order in every arm
@@ -310,7 +272,7 @@ def train(spec: RunSpec) -> RunResult:
             group["lr"] = lr_at(t, s, spec.lr)
         if spec.fault_step == t:
             inject_fault(model, spec.fault_scale, fault_gen)
-        loss = model(*batch("train", s, gen))
+        _, loss = model(*batch("train", s, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         g = float(torch.linalg.vector_norm(torch.stack(
