@@ -100,16 +100,21 @@ class RunResult:
     intervention_seconds: list[float] = field(default_factory=list)
 
     def explosion_step(self) -> int | None:
-        """First step of the first explosion (non-finite, or >= 20 steps above min + 1 nat)."""
-        best, above = math.inf, 0
-        for t, loss in enumerate(self.losses):
-            if not math.isfinite(loss):
-                return t - above
-            best = min(best, loss)
-            above = above + 1 if loss > best + EXPLODE_NATS else 0
-            if above >= EXPLODE_STEPS:
-                return t - above + 1
-        return None
+        return explosion_step(self.losses)
+
+
+def explosion_step(losses: list[float]) -> int | None:
+    """First step of the first explosion: the training loss non-finite, or above its running
+    minimum + 1 nat (``EXPLODE_NATS``) for >= 20 consecutive steps (``EXPLODE_STEPS``)."""
+    best, above = math.inf, 0
+    for t, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return t - above
+        best = min(best, loss)
+        above = above + 1 if loss > best + EXPLODE_NATS else 0
+        if above >= EXPLODE_STEPS:
+            return t - above + 1
+    return None
 
 
 # ---------------------------------------------------------------------------- model

@@ -1,0 +1,95 @@
+"""The PSS trial's testbed (benchmarks/pss_testbed.py on benchmarks/spike_model.py): the
+model's switches and the explosion rule of issue 11."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.pss_testbed import Setup, block_matrices, explosion_step, make_model
+from benchmarks.spike_model import SpikeGPT, SpikeGPTConfig
+
+CFG = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
+
+
+def tokens(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(16, (3, 8), generator=gen)
+    return x, torch.roll(x, -1, dims=1)
+
+
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_both_block_orders_train_forward_and_backward(post_ln):
+    torch.manual_seed(0)
+    model = SpikeGPT(SpikeGPTConfig(post_ln=post_ln, **CFG))
+    ce, loss = model(*tokens())
+    ce = float(ce.detach())
+    loss.backward()
+    assert math.isfinite(ce) and ce == pytest.approx(math.log(16), abs=0.3)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # post-LN has no final LayerNorm (the last block's output is already normalised)
+    assert isinstance(model.ln_f, torch.nn.Identity) == post_ln
+
+
+def test_post_ln_normalises_after_the_residual_sum_and_pre_ln_does_not():
+    torch.manual_seed(0)
+    x = 5.0 + 3.0 * torch.randn(2, 8, 16)  # a residual stream far from mean 0, std 1
+    post = SpikeGPT(SpikeGPTConfig(post_ln=True, **CFG)).blocks[0](x)
+    pre = SpikeGPT(SpikeGPTConfig(post_ln=False, **CFG)).blocks[0](x)
+    # LayerNorm at init (gain 1, shift 0): every token's features have mean 0 and std 1
+    assert post.mean(-1).abs().max() < 1e-4
+    assert post.var(-1, unbiased=False).sub(1).abs().max() < 1e-3
+    assert pre.mean(-1).abs().min() > 1.0  # the stream passes through: still ~5
+
+
+def test_qk_layernorm_bounds_the_attention_logits():
+    """With LayerNorm on q and k (gain 1) |q.k| / sqrt(hs) <= sqrt(hs) (Cauchy-Schwarz);
+    without it, scaling the qkv matrix by 100 scales the logits by 10^4."""
+    hs = CFG["n_embd"] // CFG["n_head"]
+    logits = {}
+    for qk in (False, True):
+        torch.manual_seed(0)
+        model = SpikeGPT(SpikeGPTConfig(qk_norm=qk, **CFG))
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(100.0)
+        model(*tokens())
+        logits[qk] = max(model.attention_logits().values())
+    assert logits[True] <= math.sqrt(hs) + 1e-4
+    assert logits[False] > 10 * math.sqrt(hs)
+
+
+def test_make_model_follows_the_setup():
+    s = Setup(n_layer=3, n_head=2, n_embd=24, block_size=16, post_ln=True)
+    model = make_model(s, qk_norm=True)
+    cfg = model.cfg
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.post_ln, cfg.qk_norm) == (
+        3, 2, 24, 16, True, True)
+    assert len(block_matrices(model)) == 3 * 4  # qkv, proj, fc, fc_proj per block
+
+
+def plateau(n=300, seed=0):
+    """A training loss: fast fall to 2.0, then per-batch noise (std 0.05)."""
+    rng = np.random.default_rng(seed)
+    return list(2.0 + 2.5 * np.exp(-np.arange(n) / 15) + 0.05 * rng.standard_normal(n))
+
+
+def test_explosion_rule_on_synthetic_curves():
+    assert explosion_step(plateau()) is None
+    loss = plateau()
+    loss[150:175] = [x + 1.5 for x in loss[150:175]]  # 25 steps above min + 1 nat
+    assert explosion_step(loss) == 150
+    loss = plateau()
+    loss[150:165] = [x + 1.5 for x in loss[150:165]]  # 15 steps: a spike, no explosion
+    assert explosion_step(loss) is None
+    loss = plateau()
+    loss[150:] = [x + 0.8 for x in loss[150:]]  # up to stay, but by less than 1 nat
+    assert explosion_step(loss) is None
+    loss = plateau()
+    loss[150:160] = [x + 1.5 for x in loss[150:160]]
+    loss[160] = math.nan  # non-finite during an excursion: the excursion's first step
+    assert explosion_step(loss[:161]) == 150
+    assert explosion_step(plateau()[:40] + [math.inf]) == 40
