@@ -32,6 +32,7 @@ Only torch and this repository are needed, except ``adagc`` and ``spam``
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -52,22 +53,26 @@ from monitor.schema import PSSConfig  # noqa: E402
 ARMS = ("none", "clip", "zclip", "adagc", "spam", "msign", "pss", "pss_alt", "qkln", "random")
 MSIGN_EVERY = 100
 EXPLODE_NATS, EXPLODE_STEPS = 1.0, 20  # explosion: loss > running min + 1 nat for >= 20 steps
+# stalled: the 50-step mean training loss >= the unigram loss - 0.1 nat for >= 100 steps
+STALL_WINDOW, STALL_MARGIN, STALL_STEPS = 50, 0.1, 100
 
 
 @dataclass(frozen=True)
 class Setup:
-    n_layer: int = 2
-    n_head: int = 1
-    n_embd: int = 32
+    """The testbed (phase 0 of the sweep chose it: post-LN fails at 2x its optimal LR)."""
+
+    n_layer: int = 4
+    n_head: int = 2
+    n_embd: int = 64
     block_size: int = 32
     batch_size: int = 16
-    steps: int = 1000
-    warmup: int = 10
+    steps: int = 400
+    warmup: int = 40
     stop_after: int = 200  # stop a run that stayed exploded this many steps (a collapse)
     min_lr_frac: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
     val_batches: int = 16
-    post_ln: bool = False  # post-LN blocks (spike_model.py)
+    post_ln: bool = True  # post-LN blocks (spike_model.py)
     beta2: float = 0.95
     eps: float = 1e-8
 
@@ -140,6 +145,39 @@ def data(split: str) -> torch.Tensor:
         cut = int(0.9 * len(ids))
         _DATA["train"], _DATA["val"] = ids[:cut], ids[cut:]
     return _DATA[split]
+
+
+@functools.lru_cache(maxsize=None)
+def unigram_loss(split: str = "train") -> float:
+    """Cross-entropy of ``split`` under the training split's byte frequencies,
+    ``-sum q log p``: the loss of a model that learned nothing but the unigram (the plateau a
+    post-LN transformer stalls at when its LR is too large; 3.18 nats on train here)."""
+    p = torch.bincount(data("train"), minlength=128).double()
+    q = torch.bincount(data(split), minlength=128).double()
+    p, q = p / p.sum(), q / q.sum()
+    return float(-(q[p > 0] * p[p > 0].log()).sum())
+
+
+def stall_steps(losses: list[float], plateau: float, start: int) -> int:
+    """The longest stretch of steps ``t >= start`` whose trailing mean training loss over
+    ``STALL_WINDOW`` steps is at or above ``plateau - STALL_MARGIN``: how long the run sat
+    at (or above) the unigram plateau after the warm-up."""
+    best = run = 0
+    for t in range(start, len(losses)):
+        window = losses[max(0, t - STALL_WINDOW + 1): t + 1]
+        mean = sum(window) / len(window)
+        run = run + 1 if not mean < plateau - STALL_MARGIN else 0  # NaN counts as stalled
+        best = max(best, run)
+    return best
+
+
+def failed(losses: list[float], s: Setup, explosion: int | None = None) -> bool:
+    """A failed run: it exploded (issue 11's rule, ``explosion_step``), or it stalled at the
+    unigram plateau for >= ``STALL_STEPS`` steps after the warm-up (``stall_steps``, counted
+    from ``warmup + STALL_WINDOW``)."""
+    if explosion is not None:
+        return True
+    return stall_steps(losses, unigram_loss(), s.warmup + STALL_WINDOW) >= STALL_STEPS
 
 
 def batch(split: str, s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
