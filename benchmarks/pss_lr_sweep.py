@@ -480,9 +480,10 @@ def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: fl
     body = [_intro(args, setup), text0, "## Phase 1: validation loss (failures / seeds)\n",
             "Mean validation loss of the runs that did not fail; in brackets the runs that "
             "failed (exploded or stalled, see phase 0). eta* = " + f"{eta:.4g}; best `none` validation loss {base:.3f}.\n", table,
-            "\n### Explosions pooled over LRs >= 2 eta*, and the usable LR\n",
-            "Usable LR: the largest tested LR with no explosion in any seed and mean validation "
-            "loss within 0.05 of the best `none` run. Fisher's exact test, two-sided.\n", table2,
+            "\n### Failures pooled over LRs >= 2 eta*, and the usable LR\n",
+            "Usable LR: the largest tested LR with no failure in any seed and mean validation "
+            "loss within 0.05 of the best `none` LR's mean. Fisher's exact test, two-sided, on "
+            "the failures.\n", table2,
             "\n### Validation loss against `none`, paired by seed\n",
             paired_val(store, eta, arms, mults, seeds),
             "\n### The failures of the unprotected runs (`none`)\n",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.pss_testbed import Setup, block_matrices, explosion_step, make_model
+from benchmarks.pss_testbed import (Setup, block_matrices, explosion_step, failed, make_model,
+                                    stall_steps)
 from benchmarks.spike_model import SpikeGPT, SpikeGPTConfig
 
 CFG = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -93,3 +94,20 @@ def test_explosion_rule_on_synthetic_curves():
     loss[160] = math.nan  # non-finite during an excursion: the excursion's first step
     assert explosion_step(loss[:161]) == 150
     assert explosion_step(plateau()[:40] + [math.inf]) == 40
+
+
+def test_stall_rule_counts_steps_at_the_unigram_plateau():
+    """A post-LN run at too large an LR sits at the unigram loss: a stall of >= 100 steps
+    after the warm-up is a failure; a slow but steady fall through the plateau is not."""
+    plateau_loss, s = 3.18, Setup(warmup=40, steps=400)
+    rng = np.random.default_rng(0)
+    noise = list(0.05 * rng.standard_normal(400))
+    learns = [2.0 + 2.8 * math.exp(-t / 30) + e for t, e in enumerate(noise)]
+    stuck = [3.18 + 1.6 * math.exp(-t / 15) + e for t, e in enumerate(noise)]
+    late = stuck[:300] + [2.6 + e for e in noise[300:]]  # stuck to step 300, then learns
+    slow = [2.0 + 2.8 * math.exp(-t / 60) + e for t, e in enumerate(noise)]  # crosses ~step 95
+    assert stall_steps(learns, plateau_loss, 90) == 0 and not failed(learns, s)
+    assert stall_steps(stuck, plateau_loss, 90) == 310 and failed(stuck, s)
+    assert 200 <= stall_steps(late, plateau_loss, 90) <= 240 and failed(late, s)
+    assert stall_steps(slow, plateau_loss, 90) < 100 and not failed(slow, s)
+    assert failed(learns, s, explosion=150)  # an explosion fails a run whatever its loss
