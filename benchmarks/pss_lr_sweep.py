@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import md_table, write_results  # noqa: E402
-from benchmarks.pss_testbed import (ARMS, STALL_MARGIN, STALL_STEPS, STALL_WINDOW,  # noqa: E402
+from benchmarks.pss_testbed import (ARMS, LR_JUMP_STEPS, STALL_MARGIN, STALL_STEPS, STALL_WINDOW,  # noqa: E402
                                     RunResult, RunSpec, Setup, failed, stall_steps, train,
                                     unigram_loss)
 from monitor.pss.detect import replay  # noqa: E402
@@ -57,12 +57,17 @@ PSS_DEFAULT = PSSConfig()
 PSS_ALT = PSSConfig(method="clip", warmup_steps=10)
 FAULT_STEP, FAULT_SCALE = 200, 1.0  # main: the middle of the run
 RECOVERY_ARMS = ("none", "pss", "clip")
+#: injected faults at FAULT_STEP, LR eta* (pss_testbed.FAULTS; factors of the spike testbed)
+INJECTIONS = (("lr_jump", 16.0), ("bit_flip", 2.0 ** 16), ("rank_one", FAULT_SCALE),
+              ("weight_scale", 100.0))
+INJECT_ARMS = ("none", "clip", "zclip", "adagc", "pss", "pss_alt")
 
 
 # ---------------------------------------------------------------------------- running
 def summarise(r: RunResult) -> dict:
     """What the report needs from a run (JSON-able; losses kept for the lead analysis)."""
     return {"arm": r.spec.arm, "lr": r.spec.lr, "seed": r.spec.seed, "fault": r.spec.fault_step,
+            "fault_kind": r.spec.fault_kind,
             "pss": r.spec.pss.to_dict() if r.spec.pss else None, "val": r.val_loss,
             "explosion": r.explosion_step(), "n_steps": len(r.losses), "losses": r.losses,
             "grad_norms": r.grad_norms, "fired": r.fired, "k": r.k_values, "dw": r.dw_ratio,
@@ -72,7 +77,8 @@ def summarise(r: RunResult) -> dict:
 
 def key(spec: RunSpec) -> str:
     return json.dumps([spec.arm, spec.lr, spec.seed, spec.fault_step, spec.n_random,
-                       spec.pss.to_dict() if spec.pss else None, asdict(spec.setup)])
+                       spec.pss.to_dict() if spec.pss else None, asdict(spec.setup)]
+                      + ([spec.fault_kind] if spec.fault_kind != "rank_one" else []))
 
 
 def run_job(specs: list[RunSpec]) -> list[tuple[str, dict]]:
@@ -122,12 +128,13 @@ class Store:
                     if on_done:
                         on_done()
 
-    def get(self, arm: str, lr: float, seed: int, fault: int | None = None) -> dict | None:
-        """The run of ``arm`` at (lr, seed, fault) on this sweep's testbed (``SETUP``)."""
+    def get(self, arm: str, lr: float, seed: int, fault: int | None = None,
+            kind: str = "rank_one") -> dict | None:
+        """The run of ``arm`` at (lr, seed, fault of ``kind``) on this sweep's testbed."""
         want = asdict(SETUP)
         for k, v in self.runs.items():
             if (v["arm"] == arm and v["lr"] == lr and v["seed"] == seed and v["fault"] == fault
-                    and json.loads(k)[6] == want):
+                    and v.get("fault_kind", "rank_one") == kind and json.loads(k)[6] == want):
                 return v
         return None
 
@@ -387,24 +394,40 @@ def failure_anatomy(store: Store, eta: float, mults, seeds) -> str:
                      f"detector lead, warm-up {PSS_ALT.warmup_steps} (steps)"], rows)
 
 
-def recovery(store: Store, eta: float, seeds) -> str:
-    rows = []
-    for arm in RECOVERY_ARMS:
-        ex, first, dv, fired = [], [], [], []
-        for s in seeds:
-            hit, ref = store.get(arm, eta, s, FAULT_STEP), store.get(arm, eta, s)
-            if not (hit and ref):
+def injection_table(store: Store, eta: float, seeds) -> str:
+    """Per injected fault and arm: failures (exploded or stalled) after the fault, the excess
+    loss over the same arm and seed undisturbed, whether PSS fired within 5 steps; each arm's
+    failures pooled over the faults against ``none`` (Fisher)."""
+    rows, pooled = [], {}
+    for kind, scale in INJECTIONS:
+        for arm in INJECT_ARMS:
+            n, bad, first, dv, fired = 0, 0, [], [], []
+            for s in seeds:
+                hit, ref = store.get(arm, eta, s, FAULT_STEP, kind), store.get(arm, eta, s)
+                if not (hit and ref):
+                    continue
+                n += 1
+                bad += failed_run(hit)
+                a, b = hit["losses"][FAULT_STEP:], ref["losses"][FAULT_STEP:]
+                first.append(mean(a[:20]) - mean(b[:20]) if a else math.inf)
+                dv.append(hit["val"] - ref["val"])
+                fired.append(any(FAULT_STEP <= t <= FAULT_STEP + 5 for t in hit["fired"]))
+            if not n:
                 continue
-            a, b = hit["losses"][FAULT_STEP:], ref["losses"][FAULT_STEP:]
-            ex.append(mean(a) - mean(b[:len(a)]) if a else math.inf)
-            first.append(mean(a[:20]) - mean(b[:20]) if a else math.inf)
-            dv.append(hit["val"] - ref["val"])
-            fired.append(any(FAULT_STEP <= t <= FAULT_STEP + 5 for t in hit["fired"]))
-        rows.append([arm, fmt(mean(first)), fmt(mean(ex)), fmt(mean(dv)),
-                     f"{sum(fired)}/{len(fired)}" if arm.startswith("pss") else "", len(ex)])
-    return md_table(["arm", "excess training loss, 20 steps after the fault",
-                     f"excess training loss, steps {FAULT_STEP}-end", "excess validation loss",
-                     "PSS fired within 5 steps", "seeds"], rows)
+            pooled.setdefault(arm, [0, 0])
+            pooled[arm][0] += bad
+            pooled[arm][1] += n
+            rows.append([kind, f"{scale:g}", arm, f"{bad}/{n}", fmt(mean(first)), fmt(mean(dv)),
+                         f"{sum(fired)}/{len(fired)}" if arm.startswith("pss") else ""])
+    if not rows:
+        return "Not run.\n"
+    none = pooled.get("none")
+    rows2 = [[arm, f"{p[0]}/{p[1]}", fmt(fisher(*p, *none)) if none and none[1] else "-"]
+             for arm, p in pooled.items()]
+    return (md_table(["fault", "factor", "arm", "failed after it", "excess training loss, "
+                      "20 steps after", "excess validation loss", "PSS fired within 5 steps"], rows)
+            + "\nPooled over the faults:\n\n"
+            + md_table(["arm", "failed", "Fisher p vs none"], rows2))
 
 
 def reset_measurement(eta: float, setup: Setup) -> str:
@@ -468,7 +491,7 @@ def stages(arms, mults, seeds) -> list[tuple[str, float | None, tuple[str, ...],
     out = [("lr", order_m[0], core, seeds)]
     if low != order_m[0]:
         out.append(("lr", low, rec, seeds[:2]))  # the undisturbed references
-    out.append(("recovery", None, rec, seeds[:2]))
+    out.append(("recovery", None, rec, seeds[:2]))  # rank_one: kept for the cache
     out.append(("lr", order_m[0], rest, seeds))
     others = [low] + [m for m in order_m[1:] if m != low]
     return out + [("lr", m, core + rest, seeds) for m in others if m != order_m[0]]
@@ -557,9 +580,15 @@ def main(argv: list[str] | None = None) -> None:
         randoms = [replace(sp, arm="random", n_random=len(store.runs[key(sp)]["fired"]))
                    for sp in specs if "random" in arms and sp.arm == "pss" and key(sp) in store.runs]
     store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
-    extra = ("\n## Recovery from an injected fault\n\nAt step " + f"{FAULT_STEP}, LR eta*, every "
-             f"block matrix gets a rank-one spike `{FAULT_SCALE} ||W||_F u vᵀ`; excess over the "
-             "same arm and seed without the fault.\n\n" + recovery(store, eta, args.seeds[:2])
+    inj = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=x, fault_kind=k)
+           for k, x in INJECTIONS for a in INJECT_ARMS if a in args.arms for s in args.seeds]
+    store.run([[sp] for sp in inj], args.workers, deadline, on_done)
+    extra = ("\n## Injected faults\n\nAt step " + f"{FAULT_STEP}, LR eta*: `lr_jump` multiplies "
+             f"the LR by the factor for {LR_JUMP_STEPS} steps; `bit_flip` one entry of one block "
+             "matrix (an exponent bit); `rank_one` adds `factor ||W||_F u vᵀ` to every block "
+             "matrix; `weight_scale` multiplies one attention qkv matrix (the spike testbed's "
+             "mechanisms, `benchmarks/spike_testbed.py`). Excess: over the same arm and seed "
+             "without the fault.\n\n" + injection_table(store, eta, args.seeds)
              + "\n## Resetting optimizer state (`reset_optimizer_state`)\n\nAdam's next update "
              "after 300 steps at eta*, per entry, in units of lr:\n\n" + reset_measurement(eta, setup))
     report(store, args, setup, eta, text0, time.time() - start, extra)

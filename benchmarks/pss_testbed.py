@@ -85,8 +85,9 @@ class RunSpec:
     setup: Setup = Setup()
     pss: PSSConfig | None = None  # the pss / pss_alt / random settings
     n_random: int = 0  # random arm: how many interventions
-    fault_step: int | None = None  # inject a fault (rank-one spike in every block matrix)
+    fault_step: int | None = None  # inject a fault of ``fault_kind`` at this step
     fault_scale: float = 0.0
+    fault_kind: str = "rank_one"  # one of FAULTS
 
 
 @dataclass
@@ -256,6 +257,30 @@ def msign_(model: nn.Module) -> None:
         p.copy_(U @ Vh * (p.norm() / math.sqrt(min(p.shape))))
 
 
+#: injected faults: ``rank_one`` (below); the spike testbed's mechanisms
+#: (benchmarks/spike_testbed.py): ``lr_jump`` (LR x scale for 5 steps), ``bit_flip`` (one
+#: entry of one block matrix x scale, as a flipped exponent bit does), ``weight_scale`` (one
+#: attention qkv matrix x scale)
+FAULTS = ("rank_one", "lr_jump", "bit_flip", "weight_scale")
+LR_JUMP_STEPS = 5
+
+
+@torch.no_grad()
+def inject(model: SpikeGPT, kind: str, scale: float, gen: torch.Generator) -> None:
+    """Corrupt the weights in place (every kind but ``lr_jump``, which ``lr_at`` applies)."""
+    if kind == "rank_one":
+        inject_fault(model, scale, gen)
+        return
+    block = model.blocks[int(torch.randint(len(model.blocks), (1,), generator=gen))]
+    if kind == "weight_scale":
+        block.attn.qkv.weight.mul_(scale)
+    elif kind == "bit_flip":
+        w = (block.fc.weight, block.attn.qkv.weight)[int(torch.randint(2, (1,), generator=gen))]
+        w.view(-1)[int(torch.randint(w.numel(), (1,), generator=gen))] *= scale
+    elif kind != "lr_jump":
+        raise ValueError(f"unknown fault {kind!r}; choose from {FAULTS}")
+
+
 @torch.no_grad()
 def inject_fault(model: nn.Module, scale: float, gen: torch.Generator) -> None:
     """Add ``scale · ||W||_F · u vᵀ`` (unit random u, v) to every block matrix: an injected
@@ -311,10 +336,12 @@ def train(spec: RunSpec) -> RunResult:
     step_times = []
     for t in range(s.steps):
         start = time.perf_counter()
+        jump = (spec.fault_kind == "lr_jump" and spec.fault_step is not None
+                and spec.fault_step <= t < spec.fault_step + LR_JUMP_STEPS)
         for group in opt.param_groups:
-            group["lr"] = lr_at(t, s, spec.lr)
+            group["lr"] = lr_at(t, s, spec.lr) * (spec.fault_scale if jump else 1.0)
         if spec.fault_step == t:
-            inject_fault(model, spec.fault_scale, fault_gen)
+            inject(model, spec.fault_kind, spec.fault_scale, fault_gen)
         _, loss = model(*batch("train", s, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()

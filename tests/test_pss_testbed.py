@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.pss_testbed import (Setup, block_matrices, explosion_step, failed, make_model,
-                                    stall_steps)
+from benchmarks.pss_testbed import (FAULTS, RunSpec, Setup, block_matrices, explosion_step, failed,
+                                    inject, make_model, stall_steps, train)
 from benchmarks.spike_model import SpikeGPT, SpikeGPTConfig
 
 CFG = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -111,3 +111,39 @@ def test_stall_rule_counts_steps_at_the_unigram_plateau():
     assert 200 <= stall_steps(late, plateau_loss, 90) <= 240 and failed(late, s)
     assert stall_steps(slow, plateau_loss, 90) < 100 and not failed(slow, s)
     assert failed(learns, s, explosion=150)  # an explosion fails a run whatever its loss
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_each_injected_fault_corrupts_what_it_names(kind):
+    torch.manual_seed(0)
+    model = make_model(Setup(n_layer=2, n_head=2, n_embd=16, block_size=8))
+    before = {n: p.detach().clone() for n, p in block_matrices(model)}
+    inject(model, kind, {"rank_one": 1.0, "bit_flip": 2.0 ** 16, "weight_scale": 100.0,
+                         "lr_jump": 16.0}[kind], torch.Generator().manual_seed(0))
+    changed = {n: int((p.detach() != before[n]).sum()) for n, p in block_matrices(model)}
+    hit = {n: c for n, c in changed.items() if c}
+    if kind == "rank_one":
+        assert len(hit) == len(changed)  # every block matrix
+    elif kind == "bit_flip":
+        [(name, count)] = hit.items()
+        assert count == 1 and name.endswith(("fc.weight", "qkv.weight"))
+        w = dict(block_matrices(model))[name].detach()
+        i = int((w != before[name]).flatten().nonzero())
+        assert float(w.flatten()[i]) == pytest.approx(2.0 ** 16 * float(before[name].flatten()[i]))
+    elif kind == "weight_scale":
+        [name] = hit
+        assert name.endswith("attn.qkv.weight")
+        torch.testing.assert_close(dict(block_matrices(model))[name].detach(), 100.0 * before[name])
+    else:
+        assert not hit  # lr_jump acts on the learning rate, in train()
+    with pytest.raises(ValueError, match="unknown fault"):
+        inject(model, "cosmic_ray", 1.0, torch.Generator())
+
+
+def test_an_lr_jump_multiplies_the_lr_for_five_steps_only():
+    s = Setup(n_layer=1, n_head=1, n_embd=8, block_size=8, batch_size=2, steps=8, warmup=0,
+              val_batches=1)
+    base = train(RunSpec("none", 1e-3, 0, s))
+    jump = train(RunSpec("none", 1e-3, 0, s, fault_step=2, fault_scale=1e4, fault_kind="lr_jump"))
+    assert jump.losses[:3] == base.losses[:3]  # identical until the jump acts (step 2's update)
+    assert abs(jump.losses[3] - base.losses[3]) > 0.5  # an LR of 10 moves the weights far
