@@ -1,11 +1,13 @@
-"""The spike testbed of the PSS comparison (``benchmarks/pss_lr_sweep.py``).
+"""The testbed of the PSS comparison (``benchmarks/pss_lr_sweep.py``).
 
-A small pre-LN character transformer trained with AdamW(0.9, 0.95), weight decay 0.1,
-linear warm-up then cosine decay, on the Python standard library's source (held-out
-validation split), sized so that one 1,000-step run takes seconds on one CPU thread.
-``train(RunSpec)`` runs one arm (an intervention against loss spikes) and returns a
+The GPT of ``benchmarks/spike_model.py`` (post-LN here: ``Setup``), a character model
+trained with AdamW(0.9, 0.95), weight decay 0.1, linear warm-up then cosine decay, on the
+Python standard library's source (held-out validation split), sized so that one 400-step
+run takes about 15 s on one CPU thread. ``train(RunSpec)`` runs one arm (an intervention
+against loss spikes), optionally with an injected fault (``FAULTS``), and returns a
 ``RunResult`` with per-step training loss and pre-clip gradient norm, the validation
-loss, and what PSS did.
+loss, and what PSS did. A run fails when it explodes (``explosion_step``: issue 11's rule)
+or stalls at the unigram plateau (``failed``), the way post-LN fails at too large an LR.
 
 Arms (``ARMS``):
 
