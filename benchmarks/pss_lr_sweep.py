@@ -303,8 +303,7 @@ def phase1_tables(store: Store, eta: float, arms: tuple[str, ...], mults, seeds)
                 cells.append("not run")
                 continue
             n_fail, n_exp = sum(failed_run(v) for v in vs), sum(exploded(v) for v in vs)
-            cells.append(f"{fmt(mean([v['val'] for v in vs if not failed_run(v)]))} "
-                         f"({n_fail}/{len(vs)})")
+            cells.append(f"{fmt(mean([v['val'] for v in vs]))} ({n_fail}/{len(vs)})")
             if m >= 2:
                 pooled[0] += n_fail
                 pooled[1] += len(vs)
@@ -514,8 +513,9 @@ def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: fl
     mults, seeds, arms = args.mults, args.seeds, args.arms
     table, table2, stats, base = phase1_tables(store, eta, tuple(arms), mults, seeds)
     body = [_intro(args, setup), text0, "## Phase 1: validation loss (failures / seeds)\n",
-            "Mean validation loss of the runs that did not fail; in brackets the runs that "
-            "failed (exploded or stalled, see phase 0). eta* = " + f"{eta:.4g}; best `none` validation loss {base:.3f}.\n", table,
+            "Mean validation loss over the seeds (a stalled run that recovered late counts "
+            "with its loss; non-finite losses left out); in brackets the runs that failed "
+            "(exploded, or stalled >= 100 steps at the unigram plateau, see phase 0). eta* = " + f"{eta:.4g}; best `none` validation loss {base:.3f}.\n", table,
             "\n### Failures pooled over LRs >= 2 eta*, and the usable LR\n",
             "Usable LR: the largest tested LR with no failure in any seed and mean validation "
             "loss within 0.05 of the best `none` LR's mean. Fisher's exact test, two-sided, on "
