@@ -179,6 +179,10 @@ def fisher(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
     return float(fisher_exact([[a_hits, a_n - a_hits], [b_hits, b_n - b_hits]])[1])
 
 
+def pval(p: float) -> str:
+    return "<0.001" if p < 0.001 else fmt(p)
+
+
 def fmt(x: float, d: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else (
         "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{d}f}")
@@ -244,9 +248,11 @@ HOW = """
   the unigram loss (or above) for >= 100 steps after the warm-up (``pss_testbed.failed``,
   tested on synthetic curves). The failure table shows whether a gradient-norm surge
   preceded it and whether PSS's detector could have seen it.
-- **Size.** 4 blocks, d = 64, 2 heads, context 32, batch 16, 400 steps: about 15 s per
-  run per worker on this machine, so the ~230 runs (phase 0, 150 phase-1 runs, 72 injected
-  faults) fit about an hour on 2 shared cores at `nice 19`.
+- **Size.** 4 blocks, d = 64, 2 heads, context 32, batch 16, 400 steps: 30-100 ms per step
+  on one thread of this machine (it was shared: load 3-4 on 2 cores), about 18 s of wall per
+  run with 2 workers. The full matrix here (8 phase-0 LRs, 150 phase-1 runs, 6 + 66
+  injected-fault runs) took 51 min of wall (2 workers at `nice 19`; one restart, resumed from
+  the cache), on 2026-11-30 08:07-08:59 UTC.
 - **PSS best.** Chosen a priori, not searched (no budget for a search on a separate
   seed): `method="clip"` (the strongest flattening) with the detector armed after 10 steps,
   because the failures happen inside the default 100-step detection warm-up.
@@ -273,7 +279,7 @@ def search_table(store: Store, chosen: Setup) -> str:
     from the cache), with its outcome: the record of phase 0's search."""
     rows = []
     for k, v in store.runs.items():
-        arm, lr, seed, fault, _, _, setup = json.loads(k)
+        arm, lr, seed, fault, _, _, setup = json.loads(k)[:7]
         if arm != "none" or fault is not None or setup == asdict(chosen) or "post_ln" not in setup:
             continue
         diff = ", ".join(f"{f}={x}" for f, x in setup.items() if x != asdict(chosen).get(f))
@@ -344,7 +350,7 @@ def paired_val(store: Store, eta: float, arms, mults, seeds) -> str:
             d = [a - b for a, b in pairs]
             p = float(ttest_rel([a for a, _ in pairs], [b for _, b in pairs])[1]) if len(d) >= 2 else math.nan
             rows.append([f"{m:g} eta*", f"{arm} - {ref}", len(d), f"{mean(d):+.3f}",
-                         f"{min(d):+.3f} .. {max(d):+.3f}", fmt(p)])
+                         f"{min(d):+.3f} .. {max(d):+.3f}", pval(p)])
     return md_table(["LR", "arms", "seeds", "mean val loss difference", "range over seeds",
                      "paired t-test p"], rows)
 
@@ -413,13 +419,14 @@ def injection_table(store: Store, eta: float, seeds) -> str:
     rows, pooled = [], {}
     for kind, scale in INJECTIONS:
         for arm in INJECT_ARMS:
-            n, bad, first, dv, fired = 0, 0, [], [], []
+            n, bad, pre, first, dv, fired = 0, 0, 0, [], [], []
             for s in seeds:
                 hit, ref = store.get(arm, eta, s, FAULT_STEP, kind), store.get(arm, eta, s)
                 if not (hit and ref):
                     continue
                 n += 1
-                bad += failed_run(hit)
+                pre += failed_run(ref)  # failed without the fault: not the fault's doing
+                bad += failed_run(hit) and not failed_run(ref)
                 a, b = hit["losses"][FAULT_STEP:], ref["losses"][FAULT_STEP:]
                 first.append(mean(a[:20]) - mean(b[:20]) if a else math.inf)
                 dv.append(hit["val"] - ref["val"])
@@ -428,8 +435,9 @@ def injection_table(store: Store, eta: float, seeds) -> str:
                 continue
             pooled.setdefault(arm, [0, 0])
             pooled[arm][0] += bad
-            pooled[arm][1] += n
-            rows.append([kind, f"{scale:g}", arm, f"{bad}/{n}", fmt(mean(first)), fmt(mean(dv)),
+            pooled[arm][1] += n - pre
+            rows.append([kind, f"{scale:g}", arm, f"{bad}/{n - pre}" + (f" ({pre} failed without)" if pre else ""),
+                         fmt(mean(first)), fmt(mean(dv)),
                          f"{sum(fired)}/{len(fired)}" if arm.startswith("pss") else ""])
     if not rows:
         return "Not run.\n"
@@ -529,8 +537,9 @@ def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: fl
             "the first trigger of the PSS detector (replayed on the run's pre-clip gradient "
             "norms) in the 100 steps before it.\n", failure_anatomy(store, eta, mults, seeds),
             "\n### What PSS did\n", pss_stats(store, eta, mults, seeds),
-            extra, HOW, f"\nWall time of this run: {elapsed / 60:.1f} min ({args.workers} processes, "
-            "1 torch thread each, on a machine shared with other jobs).\n"]
+            extra, HOW, "\nWritten from the cache of the runs (`--report-only`); their wall time is "
+            "above.\n" if args.report_only else f"\nWall time of this run: {elapsed / 60:.1f} min "
+            f"({args.workers} processes, 1 torch thread each, on a machine shared with other jobs).\n"]
     write_results(args.out, "PSS on trial: large learning rates, spikes and the interventions "
                   "people use", "\n".join(body))
 
@@ -560,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default=None, help="JSON-lines cache of finished runs")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--phase0-only", action="store_true", help="stop after phase 0")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the runs in --cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setup = Setup(steps=60, warmup=5, val_batches=2) if args.quick else Setup()
@@ -573,13 +584,16 @@ def main(argv: list[str] | None = None) -> None:
         PSS_DEFAULT = PSSConfig(warmup_steps=10)
     store = Store(args.cache)
     start = time.time()
-    store.run([[arm_spec("none", lr, 0, setup)] for lr in lrs], args.workers)
+    store.run([[arm_spec("none", lr, 0, setup)] for lr in lrs], args.workers,
+              -math.inf if args.report_only else math.inf)
     eta, text0 = phase0_report(store, setup, lrs)
     text0 += SEARCH_INTRO + search_table(store, setup)
     if args.phase0_only:
         write_results(args.out, "PSS on trial: phase 0 only", text0)
         return
     deadline = start + 60 * args.budget_min if args.budget_min else math.inf
+    if args.report_only:
+        deadline = -math.inf
     on_done = lambda: report(store, args, setup, eta, text0, time.time() - start, "")  # noqa: E731
     randoms: list[RunSpec] = []  # run with the next stage (they wait for their pss run)
     for kind, m, arms, seeds in stages(args.arms, args.mults, args.seeds):
