@@ -20,75 +20,105 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dashboard import transforms
 from monitor import alerts as rules
 from monitor import schema
 
 ALERT_COLUMNS = ("run", "kind", "layer", "step", "detail")
 
 
-def find_alerts(table: pd.DataFrame, *, collapse_ratio: float = 0.5, settle: int = 20,
-                sr_floor: float = 1.5, sje_threshold: float = 0.8, sje_steps: int = 3,
-                overhead_limit: float = 0.1) -> pd.DataFrame:
-    """One row per alert (first step it happened), sorted by step."""
-    rows: list[tuple] = []
-    if len(table):
-        for (run, metric), group in _groups(table, (schema.STABLE_RANK, schema.SJE)):
-            for layer, steps, values in _per_layer(group):
+def find_alerts(table: pd.DataFrame, **limits) -> pd.DataFrame:
+    """One row per alert (first step it happened), sorted by step, from a tidy table."""
+    present = [str(m) for m in table["metric"].cat.categories] if len(table) else []
+    bad = table[~np.isfinite(table["value"].to_numpy())] if len(table) else table
+    return alerts_in(lambda *metrics: table[table["metric"].isin(metrics)], present, bad,
+                     **limits)
+
+
+def alerts_in(rows, present, nonfinite: pd.DataFrame, *, collapse_ratio: float = 0.5,
+              settle: int = 20, sr_floor: float = 1.5, sje_threshold: float = 0.8,
+              sje_steps: int = 3, overhead_limit: float = 0.1) -> pd.DataFrame:
+    """:func:`find_alerts` reading only what it needs: ``rows(*metrics)`` gives the tidy rows
+    of some metrics, ``present`` names the metrics logged, ``nonfinite`` holds the NaN and
+    infinite values of every metric (``RunReader.nonfinite_table`` notes them as they
+    arrive). The app passes its per-metric tables: on a 27M-scalar run a table of
+    everything costs seconds."""
+    out: list[tuple] = []
+    for metric in (schema.STABLE_RANK, schema.SJE):
+        if metric not in present:
+            continue
+        for run, group in _by_run(rows(metric)):
+            for layers, steps, values in transforms.layer_blocks(group):
                 if metric == schema.STABLE_RANK:
-                    rows.extend(_collapse(run, layer, steps, values, collapse_ratio, settle,
+                    out.extend(_collapse(run, layers, steps, values, collapse_ratio, settle,
                                          sr_floor))
                 else:
-                    rows.extend(_sje(run, layer, steps, values, sje_threshold, sje_steps))
-        rows.extend(_nonfinite(table))
-        rows.extend(_overhead(table, overhead_limit))
-        rows.extend(_rule_alerts(table))
-    frame = pd.DataFrame(rows, columns=list(ALERT_COLUMNS))
+                    out.extend(_sje(run, layers, steps, values, sje_threshold, sje_steps))
+    out.extend(_nonfinite(rows(schema.TAG_NONFINITE_GRAD, schema.TAG_NONFINITE_WEIGHT)))
+    out.extend(_nonfinite_values(nonfinite, rows))
+    out.extend(_overhead(rows(schema.TAG_MONITOR_OVERHEAD), overhead_limit))
+    signals = {rule.signal for rule in rules.DEFAULT_RULES}
+    out.extend(_rule_alerts(rows(*[m for m in present if m in signals or m.startswith("alert/")])))
+    frame = pd.DataFrame(out, columns=list(ALERT_COLUMNS))
     return frame.sort_values(["step", "run", "kind"], kind="stable").reset_index(drop=True)
 
 
-def _groups(table: pd.DataFrame, metrics):
-    present = set(table["metric"].cat.categories)
-    for metric in metrics:
-        if metric not in present:
-            continue
-        sub = table[table["metric"] == metric]
-        for run, group in sub.groupby("run", observed=True):
-            yield (run, metric), group
+def _by_run(table: pd.DataFrame):
+    """``(run, rows)`` per run; one run is not split (a pandas group-by on millions of rows
+    costs a fraction of a second)."""
+    if not len(table):
+        return
+    runs = table["run"].cat.categories
+    codes = table["run"].cat.codes.to_numpy()
+    if len(runs) == 1 or (codes == codes[0]).all():
+        yield runs[codes[0]], table
+        return
+    for run, group in table.groupby("run", observed=True):
+        yield run, group
 
 
-def _per_layer(group: pd.DataFrame):
-    for layer, rows in group.groupby("layer", observed=True):
-        steps = rows["step"].to_numpy()
-        order = np.argsort(steps, kind="stable")
-        yield layer, steps[order], rows["value"].to_numpy()[order]
-
-
-def _collapse(run, layer, steps, values, ratio, settle, floor):
-    finite = np.where(np.isfinite(values), values, -np.inf)
-    settled = np.where(np.arange(len(values)) >= settle, finite, -np.inf)
-    peak_settled = np.maximum.accumulate(np.concatenate([[-np.inf], settled[:-1]]))
-    peak_any = np.maximum.accumulate(np.concatenate([[-np.inf], finite[:-1]]))
+def _collapse(run, layers, steps, values, ratio, settle, floor):
+    """The first collapse of each layer; column j of ``steps``/``values`` is ``layers[j]``
+    (all layers at once, one layer per contiguous row: a 300 x 10,000 run in a few passes,
+    in place where it can: fresh arrays of this size cost as much as the arithmetic)."""
+    v = np.array(values.T, order="C")  # (layers, steps); non-finite values never hit
+    v[~np.isfinite(v)] = -np.inf  # ... nor raise a peak
+    peak_any = _before(v, 0)  # highest value before each step
+    threshold = _before(v, settle)  # highest value since the first `settle` steps, before it
+    threshold *= ratio
     with np.errstate(invalid="ignore"):
-        drop = np.isfinite(values) & (values < ratio * peak_settled)
-        near_one = np.isfinite(values) & (values < floor) & (peak_any >= 2 * floor)
-    hit = np.flatnonzero(drop | near_one)
-    if not len(hit):
-        return []
-    i = hit[0]
-    return [(run, "stable rank collapse", layer, int(steps[i]),
-             f"stable rank {values[i]:.3g}, down from a peak of {peak_any[i]:.3g}")]
+        hit = (v > -np.inf) & ((v < threshold) | ((v < floor) & (peak_any >= 2 * floor)))
+    first = hit.argmax(axis=1)
+    return [(run, "stable rank collapse", layers[j], int(steps[first[j], j]),
+             f"stable rank {v[j, first[j]]:.3g}, down from a peak of {peak_any[j, first[j]]:.3g}")
+            for j in np.flatnonzero(hit.any(axis=1))]
 
 
-def _sje(run, layer, steps, values, threshold, min_steps):
-    above = np.concatenate([[False], values > threshold, [False]]).astype(np.int8)
-    edges = np.diff(above)
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+def _before(x: np.ndarray, start: int) -> np.ndarray:
+    """Row-wise running maximum of the entries from column ``start`` on, before each entry
+    (-inf where there is none)."""
+    out = np.full_like(x, -np.inf)
+    if x.shape[1] > start + 1:
+        np.maximum.accumulate(x[:, start:-1], axis=1, out=out[:, start + 1:])
+    return out
+
+
+def _sje(run, layers, steps, values, threshold, min_steps):
+    """Each run of ``min_steps`` or more logged steps with SJE above ``threshold``, per layer
+    (column j is ``layers[j]``)."""
+    edge = np.zeros((1, values.shape[1]), np.int8)
+    above = np.vstack([edge, values > threshold, edge]).astype(np.int8)
+    edges = np.diff(above, axis=0).T  # (layers, rows + 1): +1 where a run starts, -1 ends
+    start_layer, starts = np.nonzero(edges == 1)  # row-major: by layer, then by step
+    _, ends = np.nonzero(edges == -1)
     out = []
-    for s, e in zip(starts, ends):
+    for j, s, e in zip(start_layer, starts, ends):
         if e - s >= min_steps:
-            out.append((run, "SJE sustained", layer, int(steps[s]),
+            col = steps[:, j]
+            out.append((run, "SJE sustained", layers[j], int(col[s]),
                         f"SJE above {threshold} for {e - s} logged steps "
-                        f"(steps {int(steps[s])}-{int(steps[e - 1])}, max {values[s:e].max():.3g})"))
+                        f"(steps {int(col[s])}-{int(col[e - 1])}, max "
+                        f"{values[s:e, j].max():.3g})"))
     return out
 
 
@@ -102,7 +132,6 @@ def _nonfinite(table: pd.DataFrame) -> list[tuple]:
         out.append((run, "non-finite", "(all)", int(first["step"]),
                     f"{first['value']:.0f} non-finite {what} entries; {len(rows)} logged steps "
                     "with any"))
-    out.extend(_nonfinite_values(table))
     return out
 
 
@@ -122,15 +151,15 @@ def _overhead(table: pd.DataFrame, limit: float) -> list[tuple]:
     return out
 
 
-def _nonfinite_values(table: pd.DataFrame) -> list[tuple]:
-    """NaN or inf metric values, one alert per (run, metric, first step) naming the layers.
+def _nonfinite_values(bad: pd.DataFrame, rows) -> list[tuple]:
+    """NaN or inf metric values (``bad``), one alert per (run, metric, first step) naming
+    the layers.
 
     ``update_ratio`` is NaN by definition where the weight norm is zero (biases initialised
-    to zero): not an alert."""
-    bad = table[~np.isfinite(table["value"].to_numpy())]
+    to zero): not an alert (``rows(param_norm)`` tells)."""
     if not len(bad):
         return []
-    bad = bad[~_undefined_update_ratio(table, bad)]
+    bad = bad[~_undefined_update_ratio(rows, bad)]
     firsts = (bad.sort_values("step", kind="stable")
               .groupby(["run", "metric", "layer"], observed=True, sort=False)
               .agg(step=("step", "first"), value=("value", "first"), n=("step", "size"))
@@ -147,13 +176,13 @@ def _nonfinite_values(table: pd.DataFrame) -> list[tuple]:
     return out
 
 
-def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarray:
+def _undefined_update_ratio(rows, bad: pd.DataFrame) -> np.ndarray:
     """Mask of ``bad`` rows that are NaN update ratios of weights with a zero norm."""
     mask = np.zeros(len(bad), bool)
     is_ratio = (bad["metric"] == schema.UPDATE_RATIO).to_numpy() & np.isnan(bad["value"].to_numpy())
-    if not is_ratio.any() or schema.PARAM_NORM not in table["metric"].cat.categories:
+    if not is_ratio.any():
         return mask
-    norms = table[table["metric"] == schema.PARAM_NORM]
+    norms = rows(schema.PARAM_NORM)
     zero = set(zip(norms["run"][norms["value"] == 0], norms["layer"][norms["value"] == 0],
                    norms["step"][norms["value"] == 0]))
     rows = bad[is_ratio]
@@ -164,10 +193,10 @@ def _undefined_update_ratio(table: pd.DataFrame, bad: pd.DataFrame) -> np.ndarra
 
 def _rule_alerts(table: pd.DataFrame) -> list[tuple]:
     """The job's alert rules: firings it wrote (``alert/<rule>``), else the defaults replayed."""
-    metrics = [str(m) for m in table["metric"].cat.categories]
+    metrics = [str(m) for m in table["metric"].cat.categories] if len(table) else []
     written = [m for m in metrics if m.startswith("alert/") and m.split("/", 1)[1] not in rules.RESERVED]
     out = []
-    for run, group in table.groupby("run", observed=True):
+    for run, group in _by_run(table):
         fired = group[group["metric"].isin(written) & (group["value"] > 0)]
         for metric, step in zip(fired["metric"], fired["step"]):
             out.append((run, f"rule {metric.split('/', 1)[1]}", "(all)", int(step),
@@ -187,6 +216,10 @@ def _step_values(group: pd.DataFrame, rule_list) -> list[tuple[int, dict[str, fl
         return []
     layer = sub["layer"].astype(str)
     tags = np.where(layer == "", sub["metric"].astype(str), sub["metric"].astype(str) + "/" + layer)
-    frame = pd.DataFrame({"step": sub["step"].to_numpy(), "tag": tags, "value": sub["value"].to_numpy()})
-    return [(int(step), dict(zip(rows["tag"], rows["value"])))
-            for step, rows in frame.sort_values("step", kind="stable").groupby("step", sort=True)]
+    order = np.argsort(sub["step"].to_numpy(), kind="stable")
+    steps = sub["step"].to_numpy()[order]
+    tags, values = tags[order].tolist(), sub["value"].to_numpy()[order].tolist()
+    unique, starts = np.unique(steps, return_index=True)  # split per step without pandas groups
+    ends = list(starts[1:]) + [len(steps)]
+    return [(int(step), dict(zip(tags[a:b], values[a:b])))
+            for step, a, b in zip(unique, starts, ends)]

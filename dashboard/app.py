@@ -55,9 +55,9 @@ def render_view(view: str, logdir: str, names: tuple[str, ...], style, live: boo
     if not runs:
         st.info("The selected runs are gone from the log directory.")
         return
-    key, table, readers = cache.load(logdir, runs)
+    key, readers = cache.load(logdir, runs)
     widgets.show_read_problems(runs, readers)
-    VIEWS[view].render(Context(logdir, runs, key, table, readers, style, live))
+    VIEWS[view].render(Context(logdir, runs, key, readers, style, live))
 
 
 def wait_for_runs(logdir: str) -> None:

@@ -20,25 +20,42 @@ def run_store(logdir: str) -> data.RunStore:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def combined_table(key: tuple, _readers: tuple):
-    """The tidy table of the selected runs; ``key`` holds (run dir, version) pairs."""
-    return data.combine([r.table() for r in _readers])
+def rows(key: tuple, metrics: tuple[str, ...], _readers: tuple):
+    """The tidy rows of ``metrics`` of the selected runs; ``key`` holds (run dir, version)
+    pairs. Built from the readers' columns for these metrics only."""
+    return data.combine([r.table(metrics) for r in _readers])
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def metrics(key: tuple, _readers: tuple) -> list[str]:
+    found: list[str] = []
+    for reader in _readers:
+        found += [m for m in reader.metrics() if m not in found]
+    return found
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _table):
-    steps, z = charts.heatmap_matrix(_table, metric, layers)
+def layers(key: tuple, metric: str | None, _readers: tuple) -> list[str]:
+    found: list[str] = []
+    for reader in _readers:
+        found += [name for name in reader.layers(metric) if name not in found]
+    return found
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def heatmap(key: tuple, metric: str, layers: tuple[str, ...], scale: str, _reader):
+    """One run's layer x step matrix of ``metric``, read from its columns, binned."""
+    steps, z = charts.bin_columns(*_reader.heatmap(metric, layers))
     return steps, transforms.relative_rows(z, scale)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def found_alerts(key: tuple, _table):
-    return alerts.find_alerts(_table)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def layers(key: tuple, metric: str | None, _table) -> list[str]:
-    return charts.layers_of(_table, metric)
+def found_alerts(key: tuple, _readers: tuple):
+    """The alerts of the selected runs, from the tables of the metrics they read (shared
+    with the charts) and the non-finite values noted while reading."""
+    return alerts.alerts_in(lambda *m: rows(key, tuple(sorted(set(m))), _readers),
+                            metrics(key, _readers),
+                            data.combine([r.nonfinite_table() for r in _readers]))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -70,13 +87,13 @@ def fresh_runs(logdir: str, names) -> list[data.RunInfo]:
 
 
 def load(logdir: str, runs: list[data.RunInfo]):
-    """Refresh the readers of ``runs`` (new events only) and return (key, table, readers)."""
+    """Refresh the readers of ``runs`` (new events only) and return (key, readers)."""
     store = run_store(os.path.realpath(logdir))
     readers = tuple(store.reader(r) for r in runs)
     for reader in readers:
         reader.refresh()
     key = tuple((r.run_dir, r.version) for r in readers)
-    return key, combined_table(key, readers), readers
+    return key, readers
 
 
 def model_order(runs: list[data.RunInfo]) -> list[str]:

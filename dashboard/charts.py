@@ -8,7 +8,6 @@ spike never disappears; heatmaps are binned to a bounded number of step columns.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard import transforms
-from monitor import schema
+from monitor import patterns, schema
 
 MAX_POINTS = 2000  # points per line after downsampling
 MAX_HEATMAP_STEPS = 400  # step columns of a heatmap after binning
@@ -89,27 +88,13 @@ def layer_order(present: Sequence[str], model_order: Sequence[str] = ()) -> list
     return ordered
 
 
-def layers_of(table: pd.DataFrame, metric: str | None = None) -> list[str]:
-    """Layer names present (for one metric), in order of first appearance."""
-    rows = table if metric is None else metric_rows(table, metric)
-    codes = np.unique(rows["layer"].cat.codes.to_numpy())
-    cats = rows["layer"].cat.categories
-    return [cats[c] for c in codes if c >= 0 and cats[c] != ""]
-
-
 def filter_layers(layers: Sequence[str], pattern: str) -> list[str]:
-    """Layers whose name matches ``pattern`` (re.search); raises re.error when invalid."""
+    """Layers whose name matches ``pattern`` (re.search semantics); raises re.error
+    (``monitor.patterns.PatternError``) when it is invalid or too slow to match: a typed
+    ``(a|aa)+$`` must not stall the page."""
     if not pattern:
         return list(layers)
-    regex = re.compile(pattern)
-    return [name for name in layers if regex.search(name)]
-
-
-def layer_metrics(table: pd.DataFrame) -> list[str]:
-    """Per-layer metrics present, in the schema's order."""
-    present = set(table["metric"].cat.categories)
-    keys = schema.METRIC_KEYS + schema.PSS_LAYER_METRICS
-    return [k for k in keys if k in present and len(metric_rows(table, k))]
+    return patterns.select(pattern, layers)
 
 
 def heatmap_matrix(table: pd.DataFrame, metric: str, layers: Sequence[str],

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, explain, transforms
+from dashboard import charts, data, explain, png, transforms
 
 
 def pick_runs(runs: list[data.RunInfo]) -> list[data.RunInfo]:
@@ -75,18 +75,26 @@ def explain_metric(metric: str) -> None:
 
 
 def chart(fig, key: str, rows: pd.DataFrame | None = None) -> None:
-    """A Plotly chart with CSV export of its data; PNG export is the camera button of the
-    chart's toolbar (rendered in the browser, no server-side dependency)."""
+    """A Plotly chart with CSV export of its data and, with the optional ``kaleido``, a PNG
+    rendered on the server (``dashboard.png``); the camera button of the chart's toolbar
+    renders one in the browser either way."""
     st.plotly_chart(fig, width="stretch", key=key,
                     config={"toImageButtonOptions": {"format": "png", "filename": key,
                                                      "scale": 2}})
-    if rows is not None and len(rows):
-        # deferred: the CSV is built only when clicked, not on every (live) rerun
-        st.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
-                           file_name=f"{key}.csv", mime="text/csv", key=f"csv_{key}",
-                           on_click="ignore",
-                           help="the chart's data, one row per point (tidy: run, step, "
-                                "wall_time, metric, layer, value)")
+    has_rows = rows is not None and len(rows)
+    if not (has_rows or png.AVAILABLE):
+        return
+    left, right, _ = st.columns([1, 1, 10])  # one row of export buttons under the chart
+    if has_rows:  # deferred: the CSV is built only when clicked, not on every (live) rerun
+        left.download_button("CSV", lambda: rows.to_csv(index=False).encode(),
+                             file_name=f"{key}.csv", mime="text/csv", key=f"csv_{key}",
+                             on_click="ignore",
+                             help="the chart's data, one row per point (tidy: run, step, "
+                                  "wall_time, metric, layer, value)")
+    if png.AVAILABLE:  # deferred too: rendered only when clicked
+        right.download_button("PNG", lambda: png.png_bytes(fig), file_name=f"{key}.png",
+                              mime="image/png", key=f"png_{key}", on_click="ignore",
+                              help="the chart as a PNG image (2x), rendered on the server")
 
 
 def rows_of(table: pd.DataFrame, metric: str | None = None, layers=None) -> pd.DataFrame:
@@ -108,7 +116,7 @@ def show_read_problems(runs: list[data.RunInfo], readers) -> None:
                        "mid-write). It is ignored; everything before it is shown.")
         if reader.n_files == 0:
             st.info(f"Run **{run.name}** has no events yet: waiting for its first logged step.")
-        elif reader.table().empty and not reader.errors:
+        elif not reader.n_values and not reader.errors:
             st.info(f"Run **{run.name}** has no logged values yet.")
 
 

@@ -1,6 +1,7 @@
 """Alert rules (SPEC 8): one module, used by the job (``watch(alerts=...)``) and the dashboard.
 
-Standard library only, like ``monitor.pss.detect``, whose rule it reuses. A rule maps the
+Standard library only (and ``monitor.patterns``, whose ``regex`` matches ``layers`` under a
+time limit), like ``monitor.pss.detect``, whose rule it reuses. A rule maps the
 values of one step (``{tag: value}``: global tags such as ``train/grad_norm`` and per-layer
 tags ``<metric>/<layer>``) to fire / not fire. Three kinds, on a signal ``x_t``:
 
@@ -28,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from monitor.pss.detect import Detector
-from monitor import schema
+from monitor import patterns, schema
 from monitor.schema import METRIC_KEYS
 
 KINDS = ("ratio", "drop", "level")
@@ -81,8 +82,8 @@ class AlertRule:
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise bad("warmup_steps", "an integer >= 0")
         try:
-            re.compile(self.layers)
-        except (re.error, TypeError) as err:
+            patterns.compile_pattern(self.layers)
+        except patterns.PatternError as err:
             raise bad("layers", f"a valid regular expression ({err})") from None
 
     @property
@@ -124,7 +125,6 @@ class RuleState:
 
     def __init__(self, rule: AlertRule) -> None:
         self.rule = rule
-        self._pattern = re.compile(rule.layers)
         self._prefix = rule.signal + "/"
         self._detectors: dict[str, Detector] = {}
         self._layer_ok: dict[str, bool] = {}  # layer name -> matches `layers`
@@ -154,11 +154,19 @@ class RuleState:
             if tag.startswith(self._prefix):
                 layer = tag[len(self._prefix):]
                 ok = self._layer_ok.get(layer)
-                if ok is None:
-                    ok = self._layer_ok[layer] = bool(self._pattern.search(layer))
+                if ok is None:  # once per layer (the job sets them all at start)
+                    ok = self._layer_ok[layer] = self._matches(layer)
                 if ok:
                     out.append((layer, x))
         return out
+
+    def _matches(self, layer: str) -> bool:
+        """Whether ``layers`` matches this layer's name (a match that does not finish in
+        time counts as none: the pattern was valid, the name is not watched)."""
+        try:
+            return bool(patterns.select(self.rule.layers, [layer]))
+        except patterns.PatternError:
+            return False
 
     def _observe(self, layer: str, step: int, x: float) -> tuple[bool, float]:
         rule = self.rule

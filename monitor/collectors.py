@@ -18,7 +18,8 @@ Collectives of one logged step (all ranks, same order):
    computed by their owner alone;
 3. on SJE steps, one gather per owner rank of the gradients (and weights, unless gathered
    for σ1) of the sharded layers it owns (:class:`SJE`);
-4. one gather of every rank's results to rank 0;
+4. one gather of every rank's results to rank 0 (the counts of ``health/sigma_unconverged``
+   summed there);
 5. after ``optimizer.step()``, one all-reduce of the update's squared sums (:meth:`update_norms`).
 
 The NTK (:class:`NTK`) needs no collective: the owner of a layer computes it from the first
@@ -85,7 +86,9 @@ class Collector(abc.ABC):
         self.m = metrics
 
     def should_compute(self, step: int) -> bool:
-        return self.m.config.logs(step)
+        """Default: every step the hook logs (its schedule, and the flight recorder's steps
+        after an alert): the hook runs the collectors on logged steps only."""
+        return True
 
     @abc.abstractmethod
     def collect(self, ctx: StepContext) -> None:
@@ -141,6 +144,7 @@ class Spectral(Collector):
                 if not res.converged and math.isfinite(res.sigma) and res.sigma > 0:
                     t.v = res.v  # the next logged step goes on from it
                     if m.rank == t.owner:  # outside the stated accuracy: said, not logged
+                        _count_unconverged(ctx.own)
                         ctx.own.fail("stable_rank", t.name, (
                             f"sigma_max not converged in {res.iters} power iterations on the "
                             f"shards (relative residual {res.residual:.2e} > power_tol "
@@ -168,6 +172,7 @@ class Spectral(Collector):
             return
         if not res.converged and math.isfinite(res.sigma) and res.sigma > 0:
             t.v = res.v  # outside the stated accuracy: said, not logged (as in one process)
+            _count_unconverged(ctx.own)
             ctx.own.fail("stable_rank", t.name, res.reason + "; raise power_iters")
             return
         self._record(ctx, t, res.sigma, res.v, ctx.own, report=True)
@@ -233,6 +238,12 @@ class NTK(Collector):
 
     def collect(self, ctx: StepContext) -> None:
         self.ntk_into(ctx.own)
+
+
+def _count_unconverged(own: Any) -> None:
+    """One more layer whose sigma_max missed power_tol on this rank (summed on rank 0)."""
+    tag = schema.TAG_SIGMA_UNCONVERGED
+    own.scalars[tag] = own.scalars.get(tag, 0.0) + 1.0
 
 
 def _width(t: Target) -> int:
@@ -390,11 +401,15 @@ class DistributedMetrics:
         gathered = self.comm.gather_objects((own.scalars, own.texts, own.failures), dst=0)
         if gathered is None:
             return
+        unconverged = 0.0  # a count per rank (its owned layers): the job's is their sum
         for scalars, texts, failures in gathered:
+            unconverged += scalars.pop(schema.TAG_SIGMA_UNCONVERGED, 0.0)
             record.scalars.update(scalars)
             for tag, text in texts.items():
                 record.texts[tag] = record.texts.get(tag, "") + text
             record.failures.extend(failures)
+        if unconverged:
+            record.scalars[schema.TAG_SIGMA_UNCONVERGED] = unconverged
         self._say_unsupported(record)
 
     def _say_unsupported(self, record: Any) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from monitor import patterns
 
 PRESETS = ("cheap", "default", "full")
 
@@ -70,8 +71,8 @@ class MonitorConfig:
                 and self.dist_timeout_s > 0):
             raise bad("dist_timeout_s", "a number of seconds > 0")
         try:
-            re.compile(self.layers)
-        except (re.error, TypeError) as err:
+            patterns.compile_pattern(self.layers)
+        except patterns.PatternError as err:
             raise bad("layers", f"a valid regular expression ({err})") from None
 
     @classmethod

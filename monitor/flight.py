@@ -20,6 +20,13 @@ hook of step ``t + 1`` (its gradients computed, its update not yet applied) or a
 
 A rule that fires again within ``cooldown`` steps is silenced and counted in
 ``alert/suppressed`` (the storm limit). Costs: see the README, "Alerts".
+
+In a torch.distributed job (SPEC 7-8) the rules see the whole job's values: the gradient
+norms of the whole tensors (one all-reduce per step that is not logged, shared with PSS) and,
+on logged steps, rank 0's merged record. Rank 0 decides each step's firings and alone writes;
+one broadcast per step (a count, and the alerts themselves when there are any) gives every
+rank the same decision at the same step, so every rank calls ``on_alert`` and logs the same
+flight-recorder steps, whose collectives stay matched.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from typing import Any
 
 import torch
 
-from monitor import schema
+from monitor import patterns, schema
 from monitor.alerts import DEFAULT_RULES, Alert, AlertEngine, AlertRule
+from monitor.distributed import CommError
 from monitor.metrics import norms
 
 log = logging.getLogger("monitor")
@@ -84,7 +92,8 @@ class JobAlerts:
     """The hook's side: cheap values each step, the ring, the rules, the callback."""
 
     def __init__(self, config: AlertConfig, layers: Sequence[Any], layer_metrics: set[str],
-                 on_alert: Callable[[Alert], Any] | None, write: Callable) -> None:
+                 on_alert: Callable[[Alert], Any] | None, write: Callable,
+                 comm: Any = None) -> None:
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"watch(on_alert=...): expected a callable, got {on_alert!r}")
         self.config = config
@@ -95,6 +104,7 @@ class JobAlerts:
         self.callback_errors = 0
         self._layers = [l for l in layers if l.param.requires_grad]
         self._on_alert, self._write = on_alert, write
+        self._comm = comm  # a distributed job's monitor.distributed.Comm: rank 0 decides
         self._buffers: list[torch.Tensor] | None = None
         self._buffers_valid = False  # the buffers hold this step's weights before the update
         self._records = 0  # logged records seen (to report rules whose signal never shows)
@@ -164,13 +174,16 @@ class JobAlerts:
         Returns the step's record (a new one when the step was not logged but fired)."""
         values = {k: _as_float(v) for k, v in self._values.items()}
         self._values = {}
-        if record is not None:
+        deciding = self._comm is None or self._comm.rank == 0
+        if record is not None and deciding:
             self._report_rule_problems(record)
         if self.config.record_steps:
             self.ring.append((step, values))
         full = {**values, **record.scalars} if record is not None else values
-        alerts = self.engine.update(step, full)
+        alerts = self.engine.update(step, full) if deciding else []
         self._say_storms()
+        if self._comm is not None:
+            alerts = self._shared(alerts)
         if not alerts:
             self._write_counts(record)
             return record
@@ -190,6 +203,21 @@ class JobAlerts:
         return record
 
     # ------------------------------------------------------------------ helpers
+    def _shared(self, alerts: list[Alert]) -> list[Alert]:
+        """Rank 0's firings on every rank: a count broadcast each step (8 bytes), the alerts
+        pickled only when there are any. Once the monitor's collectives are off (a rank
+        died or stalled: said once by ``Comm``), each rank keeps its own decision."""
+        comm = self._comm
+        if comm.broken:
+            return alerts
+        try:
+            count = torch.tensor([len(alerts)], dtype=torch.int64, device=comm.device)
+            if int(comm.broadcast_tensor(count).item()) == 0:
+                return []
+            return comm.broadcast_object(alerts if comm.rank == 0 else None)
+        except CommError:  # recorded by Comm; training goes on
+            return alerts
+
     def _write_ring(self, step: int, record: Any) -> None:
         """Write the ring's steps before ``step`` (in step order; a logged step among them is
         written again with the same values, which keeps TensorBoard's out-of-order purge
@@ -256,7 +284,9 @@ class JobAlerts:
             if not rule.per_layer:
                 continue
             state = next(s for s in self.engine.states if s.rule is rule)
-            matched = [n for n in names if state._pattern.search(n)]
+            matched = set(patterns.select_or_raise(f"AlertRule({rule.name!r}).layers",
+                                                   rule.layers, names))
+            state._layer_ok.update((n, n in matched) for n in names)  # matched once, here
             if rule.signal not in layer_metrics:
                 reason = (f"rule {rule.name!r}: metric {rule.signal!r} is not computed in this "
                           f"job (computed: {sorted(layer_metrics)}); the rule never fires")
@@ -301,7 +331,7 @@ def computed_metrics(config: Any, layers: Sequence[Any]) -> set[str]:
 
 
 def make_job_alerts(alerts: Any, on_alert: Any, layers: Sequence[Any], config: Any,
-                    write: Callable) -> JobAlerts | None:
+                    write: Callable, comm: Any = None) -> JobAlerts | None:
     """``watch(alerts=..., on_alert=...)`` to a :class:`JobAlerts` (None when alerts are off)."""
     cfg = AlertConfig.of(alerts)
     if cfg is None:
@@ -309,14 +339,16 @@ def make_job_alerts(alerts: Any, on_alert: Any, layers: Sequence[Any], config: A
             raise ValueError("watch(on_alert=...) needs alerts: pass alerts=True (the default "
                              "rules) or a list of monitor.alerts.AlertRule")
         return None
-    return JobAlerts(cfg, layers, computed_metrics(config, layers), on_alert, write)
+    return JobAlerts(cfg, layers, computed_metrics(config, layers), on_alert, write, comm)
 
 
 def refuse_distributed(alerts: Any, world: int) -> None:
-    """Alerts in a torch.distributed job: refused with the fix, before anything is written
-    (every rank would have to agree on each firing, and on the steps logged after it)."""
-    if world > 1 and AlertConfig.of(alerts) is not None:
-        raise ValueError(f"watch(alerts=...): alerts are not supported in a torch.distributed "
-                         f"job yet (world size {world}): a firing on one rank would make it log "
-                         "steps the others do not. Monitor without alerts, or use them in one "
-                         "process.")
+    """What alerts cannot do in a torch.distributed job yet, refused with the fix before
+    anything is written: update ratios at every step (``record_updates``) would be a
+    shard's, and the whole tensors' need one more all-reduce per step."""
+    cfg = AlertConfig.of(alerts)
+    if world > 1 and cfg is not None and cfg.record_updates:
+        raise ValueError(f"watch(alerts=AlertConfig(record_updates=True)): update ratios at every "
+                         f"step are not supported in a torch.distributed job yet (world size "
+                         f"{world}); use record_updates=False (update ratios of logged steps, "
+                         "the default)")

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor import runstate, safe_io, schema
+from monitor import patterns, runstate, safe_io, schema
 from monitor.config import PRESETS, MonitorConfig
 from monitor.distributed import Comm, NullWriter, rank_and_world_size, unwrap_model
 from monitor.flight import make_job_alerts, refuse_distributed
@@ -100,9 +99,10 @@ class Monitor:
         self._warned_overhead = False
         self._cuda = next((p.device for p in model.parameters() if p.is_cuda), None)
         kinds = views.layer_kinds(model)
-        pattern = re.compile(config.layers)
+        chosen = set(patterns.select_or_raise(  # a stalling pattern: refused, named
+            "MonitorConfig.layers", config.layers, [name for name, _ in model.named_parameters()]))
         self.layers = [Layer(name, p, kinds.get(name, "other"), views.has_matrix_view(p))
-                       for name, p in model.named_parameters() if pattern.search(name)]
+                       for name, p in model.named_parameters() if name in chosen]
         self._group_of: dict[int, dict] = {}
         self._groups_seen = -1  # len(param_groups) when _group_of was built
         self.rank, self._dist = self._start_distributed()  # SPEC 7: every rank works, rank 0 writes
@@ -114,7 +114,8 @@ class Monitor:
                                max_bytes=int(config.ntk_max_mb * 2**20) or None)
         self._pss = self._make_pss(pss, kinds) if pss is not None else None
         self._alerts_done = start_step  # steps whose alert rules have run (see _end_step)
-        self._alerting = make_job_alerts(alerts, on_alert, self.layers, config, self._writer.write)
+        self._alerting = make_job_alerts(alerts, on_alert, self.layers, config, self._writer.write,
+                                         self._dist.comm if self._dist is not None else None)
         self._preclip = make_tap(self)  # gradient norms before the user's clipping
         self._pre_norms: dict[str, float] = {}
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
@@ -245,7 +246,7 @@ class Monitor:
                     self._ntk_metrics(record)
                 # an unlogged step's norms before the user's clipping, taken once for PSS
                 # and the alert rules (the tap forgets what it hands out)
-                step_norms = (self._unlogged_pre_norms() if record is None and self._dist is None
+                step_norms = (self._unlogged_pre_norms() if record is None
                               and (self._pss is not None or self._alerting is not None) else None)
                 if self._pss is not None:  # may smooth weights: copy them afterwards
                     record = self._pss_step(t, record, step_norms)
@@ -380,7 +381,10 @@ class Monitor:
                 record.scalars[layer_tag(schema.LR_EFFECTIVE, name)] = rate
 
     def _unlogged_pre_norms(self) -> dict[str, float]:
-        """Per-layer gradient norms before the user's clipping, on a step that is not logged."""
+        """Per-layer gradient norms before the user's clipping, on a step that is not logged
+        (distributed: the whole tensors' applied norms, equal on every rank; no tap there)."""
+        if self._dist is not None:
+            return self._dist.grad_norms()[1]
         with_grad = [l for l in self.layers if l.param.grad is not None]
         return pre_clip_norms(self._preclip, with_grad,
                               norms.tensor_norms([l.param.grad for l in with_grad]))
@@ -390,8 +394,6 @@ class Monitor:
         if record is not None:  # the norms before the user's clipping (monitor/preclip.py)
             global_norm = record.scalars[schema.TAG_GLOBAL_GRAD_NORM]
             layer_norms = self._pre_norms if self._dist is None else self._grad_norms
-        elif self._dist is not None:  # the whole tensors' norms, equal on every rank (no tap)
-            global_norm, layer_norms = self._dist.grad_norms()
         else:
             layer_norms = step_norms if step_norms is not None else self._unlogged_pre_norms()
             global_norm = norms.global_norm(layer_norms.values())

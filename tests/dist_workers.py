@@ -89,9 +89,11 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             with monitor.watch(model, opt, os.path.join(root, name), every=1, preset="cheap") as mon:
                 train(model, opt, mon, rank, world, steps=1, nan=True)
-        try:  # alerts: refused on every rank, before anything is written
+        try:  # update ratios at every step: refused on every rank, before anything is written
+            from monitor.flight import AlertConfig
+
             monitor.watch(make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1),
-                          os.path.join(root, "alerts"), alerts=True)
+                          os.path.join(root, "alerts"), alerts=AlertConfig(record_updates=True))
         except ValueError as err:
             out["alerts"] = str(err)
         if world == 2:

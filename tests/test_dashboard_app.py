@@ -322,3 +322,22 @@ def test_whatif_preview_finds_the_jobs_interventions_on_its_settings(tmp_path, m
     assert values(trig["x"]) == job
     at.number_input(key="pss:job:warmup").set_value(30).run()  # step 23 is now in warm-up
     assert "1 of 60 steps would trigger" in texts(at.caption)
+
+
+def test_a_live_run_with_planned_steps_shows_speed_and_eta(tmp_path, monkeypatch):
+    """``config/total_steps`` (logged by the HF and Lightning callbacks) gives the ETA."""
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    from monitor.writer import step_event
+
+    run = tmp_path / "live"
+    writer = EventFileWriter(str(run))
+    start = time.time() - 100
+    writer.add_event(step_event(0, {schema.TAG_TOTAL_STEPS: 1000.0}, wall_time=start))
+    for step in range(0, 100, 10):  # one step per second
+        writer.add_event(step_event(step, {schema.TAG_LOSS: 1.0}, wall_time=start + step))
+    writer.close()
+    write_meta_file(str(run), ["w"], "running")  # this process's pid: live
+    row = open_app(tmp_path, monkeypatch).table[0].value.iloc[0]
+    assert (row["state"], row["total steps"], row["steps/s"]) == ("live", 1000, 1.0)
+    assert row["ETA"] == "15 min"  # (1000 - 90) steps at 1 step/s

@@ -179,7 +179,9 @@ def test_live_run_turns_finished_and_every_view_draws(tmp_path):
 
             page.get_by_text("Layers", exact=True).click()
             page.get_by_text("relative to the layer's first value").click()
-            page.get_by_text("stable_rank: layer x step").wait_for(timeout=60_000)
+            # the chart's title (Plotly may hold a second, hidden copy of it while redrawing)
+            page.locator(".js-plotly-plot .gtitle").filter(
+                has_text="stable_rank: layer x step").first.wait_for(timeout=60_000)
             page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=60_000)
             page.locator(".js-plotly-plot .cbtitle").filter(
                 has_text="first value").wait_for(timeout=60_000)  # redrawn relative

@@ -165,13 +165,14 @@ def test_combine_keeps_runs_apart(tmp_path):
 def test_dashboard_never_imports_torch_or_the_training_side():
     """The app, run in bare mode in a fresh interpreter, loads only the monitor's
     standard-library modules (the schema, its safe file reading, the PSS detection rule it
-    replays, the alert rules it replays and the reader of its per-step input) and no torch
-    (SPEC 5; STYLE principle 3)."""
+    replays, the alert rules it replays, the reader of its per-step input, and the matching
+    of user patterns under a time limit, with ``regex``) and no torch (SPEC 5; STYLE
+    principle 3)."""
     import subprocess
     import sys
 
     code = ("STDLIB_ONLY = {'monitor.schema', 'monitor.safe_io', 'monitor.pss', "
-            "'monitor.pss.detect', 'monitor.pss.inputs', 'monitor.alerts'};"
+            "'monitor.pss.detect', 'monitor.pss.inputs', 'monitor.alerts', 'monitor.patterns'};"
             "import runpy, sys; sys.argv = ['app', '--logdir', '/nonexistent'];"
             "runpy.run_path('dashboard/app.py', run_name='__main__');"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or "

@@ -119,8 +119,10 @@ def _check_world(world: int, tmp_path, monkeypatch) -> dict:
     assert got[0].settings == expected[0].settings
     for value, ref_value in zip(got[0].values, expected[0].values):
         assert math.isclose(value, ref_value, rel_tol=NORM_RTOL)
-    # alerts: refused with the fix on every rank, nothing written
-    assert all("alerts are not supported in a torch.distributed job" in o["alerts"] for o in out)
+    # alerts with update ratios at every step: refused with the fix on every rank, nothing
+    # written (alerts themselves: tests/test_distributed_alerts.py)
+    assert all("not supported in a torch.distributed job yet" in o["alerts"] for o in out)
+    assert all("record_updates=False" in o["alerts"] for o in out)
     assert not (tmp_path / "alerts").exists()
     # a NaN in the last rank's local batch: counted as one process counts it
     _reference(tmp_path, "ref-nan", (0, 1), steps=1, nan=True,
@@ -257,7 +259,8 @@ def test_owned_sigma_not_converged_is_recorded_as_failed_not_logged():
     spectral = Spectral(SimpleNamespace(config=config, rank=0))
     ctx = StepContext(0, StepRecord(0), StepRecord(0), weight_sq={"w": float(W.detach().pow(2).sum())})
     spectral._owned(ctx, t, W.detach())
-    assert "w" not in ctx.sigma and not ctx.own.scalars
+    assert "w" not in ctx.sigma  # counted (summed over ranks on rank 0), not logged
+    assert ctx.own.scalars == {schema.TAG_SIGMA_UNCONVERGED: 1.0}
     assert len(ctx.own.failures) == 1 and ctx.own.failures[0].startswith("stable_rank/w: ")
     assert "raise power_iters" in ctx.own.failures[0]
     assert t.v is not None  # the next logged step goes on from the last iterate

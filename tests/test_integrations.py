@@ -48,6 +48,27 @@ def test_lightning_callback_logs_every_layer(tmp_path):
         series = logged[f"{metric}/net.0.weight"]
         assert sorted(series) == [0, 1, 2, 3] and all_finite(series), metric
     assert callback.monitor is not None and callback.monitor.step == 4
+    assert logged[schema.TAG_TOTAL_STEPS] == {0: 4.0}  # the dashboard's ETA
+
+
+def test_lightning_logs_the_planned_steps_of_an_epoch_bounded_fit(tmp_path):
+    """No max_steps: 2 epochs x 4 batches, accumulating 2 batches = 4 optimizer steps."""
+    import lightning.pytorch as pl
+
+    from dashboard.data import RunReader
+    from monitor.integrations.lightning import StabilityMonitor
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randn(32, 1))
+    callback = StabilityMonitor(str(tmp_path / "run"), every=2, preset="cheap")
+    pl.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+               callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(
+        regressor(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert callback.monitor.step == 4
+    reader = RunReader(str(tmp_path / "run"))
+    reader.refresh()
+    table = reader.table([schema.TAG_TOTAL_STEPS])  # what the Overview reads for the ETA
+    assert list(table["step"]) == [0] and list(table["value"]) == [4.0]
 
 
 def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monkeypatch):
@@ -74,6 +95,7 @@ def test_hugging_face_trainer_callback_with_gradient_accumulation(tmp_path, monk
     assert callback.monitor is not None and callback.monitor.step == 4  # optimizer steps
     theirs = read_scalars(str(tmp_path / "logs"))  # the Trainer's own TensorBoard run
     logged = read_scalars(str(tmp_path / "logs" / "stability"))
+    assert logged[schema.TAG_TOTAL_STEPS] == {0: 4.0}  # state.max_steps: the dashboard's ETA
     # the Trainer's loss, at the 0-based optimizer step it was logged after
     assert sorted(logged["train/loss"]) == [0, 1, 2, 3]
     for t in range(4):

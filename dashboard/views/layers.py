@@ -11,7 +11,7 @@ from dashboard.views.overview import ALERT_METRIC
 
 
 def render(ctx: Context) -> None:
-    metrics = charts.layer_metrics(ctx.table)
+    metrics = ctx.layer_metrics()
     if not metrics:
         st.info("No per-layer metrics logged yet in the selected runs.")
         return
@@ -28,8 +28,7 @@ def render(ctx: Context) -> None:
     if error:
         st.error(error)
         return
-    all_layers = charts.layer_order(cache.layers(ctx.key, metric, ctx.table),
-                                    cache.model_order(ctx.runs))
+    all_layers = charts.layer_order(ctx.layers(metric), cache.model_order(ctx.runs))
     layers = charts.filter_layers(all_layers, pattern)
     if search and not hits:
         layers = [name for name in layers if search.lower() in name.lower()]
@@ -48,7 +47,7 @@ def heatmap(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
                      horizontal=True, help="relative: each layer divided by its own first or "
                      "median value, so a change shows whatever the layer's size (at init the "
                      "stable rank is 30-55, later 1-5)")
-    steps, z = cache.heatmap(ctx.key + (run,), metric, tuple(shown), scale, ctx.run_table(run))
+    steps, z = cache.heatmap(ctx.key + (run,), metric, tuple(shown), scale, ctx.reader(run))
     if len(shown) < len(layers):
         st.caption(f"Heatmap shows the first {len(shown)} of {len(layers)} matching layers; "
                    "narrow the filter to see the others.")
@@ -57,9 +56,10 @@ def heatmap(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
 
 
 def lines(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
-    found = cache.found_alerts(ctx.key, ctx.table)
+    found = cache.found_alerts(ctx.key, ctx.readers)
     alerted = [str(x) for x in found[found["kind"].map(ALERT_METRIC) == metric]["layer"]]
-    default = transforms.default_lines(alerted, cache.moved(ctx.key, metric, ctx.table), layers)
+    table = ctx.rows(metric)
+    default = transforms.default_lines(alerted, cache.moved(ctx.key, metric, table), layers)
     pattern, error = widgets.layer_pattern(
         "Layers to draw as lines (regex)", f"lines_filter_{metric}",
         default=widgets.exact_pattern(default))
@@ -71,6 +71,6 @@ def lines(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
     picked = charts.filter_layers(layers, pattern)
     if len(picked) > charts.MAX_LINES:
         st.caption(f"{len(picked)} layers match; the first {charts.MAX_LINES} are drawn.")
-    fig = charts.lines_figure(ctx.table, metric, picked, log, style=ctx.style,
+    fig = charts.lines_figure(table, metric, picked, log, style=ctx.style,
                               refs=explain.reference_lines(metric), y_title=explain.unit(metric))
-    widgets.chart(fig, "lines", widgets.rows_of(ctx.table, metric, picked[:charts.MAX_LINES]))
+    widgets.chart(fig, "lines", widgets.rows_of(table, metric, picked[:charts.MAX_LINES]))

@@ -16,14 +16,13 @@ EXPLAIN = ("**applied** (solid): the rate the optimizer applied, group lr x any 
 
 
 def render(ctx: Context) -> None:
-    present = set(charts.layer_metrics(ctx.table))
+    present = set(ctx.layer_metrics())
     if not {"lr", "lr_effective"} & present:
         st.info("No learning rates logged in the selected runs (metrics `lr` and "
                 "`lr_effective` are written at logged steps after the optimizer step).")
         return
     st.caption(EXPLAIN)
-    all_layers = charts.layer_order(cache.layers(ctx.key, None, ctx.table),
-                                    cache.model_order(ctx.runs))
+    all_layers = charts.layer_order(ctx.layers(), cache.model_order(ctx.runs))
     pattern, error = widgets.layer_pattern("Layers (regex)", "lr_filter",
                                            default=widgets.exact_pattern(all_layers[:4]))
     if error:
@@ -32,15 +31,15 @@ def render(ctx: Context) -> None:
     layers = charts.filter_layers(all_layers, pattern)
     if len(layers) > charts.MAX_LINES:
         st.caption(f"{len(layers)} layers match; the first {charts.MAX_LINES} are drawn.")
-    rows = ctx.table[ctx.table["metric"].isin(["lr", "lr_effective"])]
-    widgets.chart(charts.lr_figure(ctx.table, layers, style=ctx.style), "lr",
+    rows = ctx.rows("lr", "lr_effective")
+    widgets.chart(charts.lr_figure(rows, layers, style=ctx.style), "lr",
                   rows[rows["layer"].isin(layers[:charts.MAX_LINES])])
     if "lr_effective" in present:
-        heat_layers = charts.layer_order(cache.layers(ctx.key, "lr_effective", ctx.table),
+        heat_layers = charts.layer_order(ctx.layers("lr_effective"),
                                          cache.model_order(ctx.runs))[:charts.MAX_HEATMAP_LAYERS]
         for i, run in enumerate(ctx.runs):  # one labelled heatmap per run
             steps, z = cache.heatmap(ctx.key + (run.name,), "lr_effective", tuple(heat_layers),
-                                     "value", ctx.run_table(run.name))
+                                     "value", ctx.reader(run.name))
             fig = charts.heatmap_figure(heat_layers, steps, z, "lr_effective", log=True,
                                         title=f"effective learning rate: layer x step · run "
                                               f"{run.name}")

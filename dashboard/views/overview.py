@@ -21,22 +21,23 @@ def render(ctx: Context) -> None:
     # a static table: readable as text (and by a browser test), re-drawn on each refresh
     rows = pd.DataFrame(runs_rows(ctx)).set_index("run").astype(object)
     st.table(rows.where(rows.notna(), ""))  # blank, not "None", where a value is unknown
-    if not len(ctx.table):
+    if ctx.empty:
         return
-    alerts_section(ctx)
-    loss_section(ctx)
+    alerts_box = st.container()  # shown first, filled last: the alerts read whole metrics
+    loss_section(ctx)  # (a second on a 27M-scalar run), the loss chart only two series
     events_section(ctx)
     monitor_messages(ctx)
+    with alerts_box:
+        alerts_section(ctx)
 
 
 def runs_rows(ctx: Context) -> list[dict]:
     """One row per run: state, last step, steps/s and ETA (live runs), update age."""
     rows = []
-    for run in ctx.runs:
-        mine = ctx.table[ctx.table["run"] == run.name] if len(ctx.table) else ctx.table
-        steps = mine["step"].to_numpy() if len(mine) else np.empty(0)
-        total = _total_steps(mine)
-        rate, eta = (transforms.speed(*_step_times(mine), total) if run.status == "live"
+    for run, reader in zip(ctx.runs, ctx.readers):
+        steps, walls = reader.step_times()
+        total = _total_steps(reader.table([schema.TAG_TOTAL_STEPS]))
+        rate, eta = (transforms.speed(steps, walls, total) if run.status == "live"
                      else (None, None))
         rows.append({"run": run.name, "state": run.status,
                      "last step": int(steps.max()) if len(steps) else None,
@@ -47,21 +48,13 @@ def runs_rows(ctx: Context) -> list[dict]:
     return rows
 
 
-def _step_times(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Each logged step once, with its wall time."""
-    if not len(rows):
-        return np.empty(0), np.empty(0)
-    steps, first = np.unique(rows["step"].to_numpy(), return_index=True)
-    return steps, rows["wall_time"].to_numpy()[first]
-
-
 def _total_steps(rows: pd.DataFrame) -> float | None:
     _, values = charts.series(rows, schema.TAG_TOTAL_STEPS)
     return float(values[-1]) if len(values) else None
 
 
 def alerts_section(ctx: Context) -> None:
-    found = cache.found_alerts(ctx.key, ctx.table)
+    found = cache.found_alerts(ctx.key, ctx.readers)
     st.subheader(f"Alerts ({len(found)})")
     if not len(found):
         st.success("No alerts: no stable-rank collapse, no sustained SJE above 0.8, no "
@@ -85,8 +78,8 @@ def alerts_section(ctx: Context) -> None:
 def alert_chart(ctx: Context, alert: pd.Series) -> None:
     """The alerted layer's metric around the alert's step, with the alert threshold."""
     metric = ALERT_METRIC[alert["kind"]]
-    rows = ctx.run_table(str(alert["run"]))
-    rows = rows[(rows["metric"] == metric) & (rows["layer"] == alert["layer"])]
+    rows = ctx.run_rows(str(alert["run"]), metric)
+    rows = rows[rows["layer"] == alert["layer"]]
     steps = np.unique(rows["step"].to_numpy())
     i = int(np.searchsorted(steps, alert["step"]))
     lo, hi = steps[max(0, i - WINDOW)], steps[min(len(steps) - 1, i + WINDOW)]
@@ -100,11 +93,11 @@ def alert_chart(ctx: Context, alert: pd.Series) -> None:
 
 
 def loss_section(ctx: Context) -> None:
-    present = set(ctx.table["metric"].cat.categories)
+    present = set(ctx.metrics())
     if schema.TAG_LOSS in present or schema.TAG_GLOBAL_GRAD_NORM in present:
-        fig = charts.overview_figure(ctx.table, style=ctx.style)
-        widgets.chart(fig, "overview", widgets.rows_of(
-            ctx.table[ctx.table["metric"].isin([schema.TAG_LOSS, schema.TAG_GLOBAL_GRAD_NORM])]))
+        fig = charts.overview_figure(ctx.rows(schema.TAG_LOSS, schema.TAG_GLOBAL_GRAD_NORM,
+                                              schema.TAG_PSS_INTERVENTION), style=ctx.style)
+        widgets.chart(fig, "overview", ctx.rows(schema.TAG_LOSS, schema.TAG_GLOBAL_GRAD_NORM))
     elif any(r.status == "live" for r in ctx.runs):
         st.info("No loss or gradient norm logged yet: they appear at the first logged step "
                 "(the monitor logs every `every` optimizer steps).")

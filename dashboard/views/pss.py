@@ -40,7 +40,8 @@ def render(ctx: Context) -> None:
     config, error = form(run, base)
     if error:
         st.error(f"Invalid setting, nothing will be written: {error}")
-    preview(config, ctx.run_table(run.name), run_dir)
+    preview(config, ctx.run_rows(run.name, schema.TAG_PSS_INTERVENTION,
+                                 schema.TAG_GLOBAL_GRAD_NORM), run_dir)
     left, right, _ = st.columns([1, 1, 3])
     if left.button("Apply", type="primary", key="pss_apply"):
         if config is None:
@@ -152,7 +153,8 @@ def status(logdir: str, name: str, run_dir: str) -> None:
         st.warning(f"Run {name} is gone from the log directory.")
         return
     control, control_error = read_control_safe(run_dir)
-    _, table, readers = cache.load(logdir, runs)
+    _, readers = cache.load(logdir, runs)
+    table = readers[0].table([schema.TAG_PSS_CONTROL_VERSION])
     show_control_state(runs[0], control, control_error, table, readers[0])
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from monitor.config import MonitorConfig
 from monitor.hook import Monitor, resolve_config, resolve_pss, watch
-from monitor.schema import PSSConfig
+from monitor.schema import TAG_TOTAL_STEPS, PSSConfig
 
 
 class WatchSettings:
@@ -23,6 +25,17 @@ class WatchSettings:
         self._close()  # a second fit / train() call starts a fresh monitor
         self.monitor = watch(model, optimizer, logdir, every=self.every, config=self.config,
                              pss=self.pss, start_step=start_step)
+
+    def _log_total_steps(self, total, step: int) -> None:
+        """``config/total_steps``: the optimizer steps the framework plans for this run, so
+        the dashboard shows a live run's ETA. Nothing when it does not know (an unbounded
+        run: -1, inf, None)."""
+        try:
+            total = float(total)
+        except (TypeError, ValueError):
+            return
+        if self.monitor is not None and math.isfinite(total) and total > 0:
+            self.monitor.log_at(step, **{TAG_TOTAL_STEPS: total})
 
     def _close(self) -> None:
         if self.monitor is not None:

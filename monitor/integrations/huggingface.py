@@ -8,7 +8,8 @@ callback attaches :func:`monitor.watch` to the underlying ``torch.optim`` optimi
 training begins, so a *step* is an optimizer step (gradient accumulation included);
 ``train/grad_norm`` is the norm before the Trainer's ``max_grad_norm`` clipping (the value
 the Trainer logs) and ``train/grad_norm_applied`` the clipped one (``monitor/preclip.py``).
-The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
+The run's planned optimizer steps (``state.max_steps``) are logged once as
+``config/total_steps``, so the dashboard shows a live run's ETA. The loss the Trainer logs (averaged over its ``logging_steps``) is recorded as
 ``train/loss``, its evaluation metrics as ``eval/<name>``, at the optimizer step they were
 logged after.
 
@@ -59,6 +60,7 @@ class StabilityCallback(WatchSettings, TrainerCallback):
         logdir = self.logdir or os.path.join(tensorboard_dir or args.output_dir, "stability")
         # resumed from a checkpoint: the Trainer restored global_step before this call
         self._watch(model, unwrap_optimizer(optimizer), logdir, start_step=state.global_step)
+        self._log_total_steps(state.max_steps, state.global_step)  # set before this call
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """The Trainer's training loss as ``train/loss``, its evaluation metrics as

@@ -1,7 +1,9 @@
 """Lightning integration: ``Trainer(callbacks=[StabilityMonitor()])``.
 
 Imports Lightning lazily (this module is only loaded when used), so the core package
-installs and imports without it.
+installs and imports without it. The fit's planned optimizer steps
+(``trainer.estimated_stepping_batches``: ``max_steps``, or epochs x batches over gradient
+accumulation) are logged once as ``config/total_steps``, so the dashboard shows the ETA.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class StabilityMonitor(WatchSettings, Callback):
         logdir = self.logdir or getattr(trainer.logger, "log_dir", None) or os.path.join(
             trainer.default_root_dir, "stability")
         self._watch(pl_module, trainer.optimizers[0], logdir, start_step=trainer.global_step)
+        # optimizer steps of the whole fit (max_steps, or epochs x batches / accumulation);
+        # inf for an unbounded fit: then nothing is logged
+        self._log_total_steps(trainer.estimated_stepping_batches, trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from monitor import schema
+from monitor import patterns, schema
 from monitor.metrics import views
 from monitor.pss.control import ControlUpdate, ControlWatcher
 from monitor.pss.detect import Detector
@@ -68,6 +67,10 @@ class PSSController:
         self.layer_detectors: dict[str, Detector] = {}
         self.interventions: list[int] = []  # steps at which weights were smoothed
         self.watcher = ControlWatcher(logdir, check_every=check_every)
+        # the layers the settings select, matched once per change of the settings (a
+        # ``layers`` pattern that does not match in time is refused: monitor/patterns.py)
+        self.selected = self._select(config, "PSSConfig.layers")
+        self._in_force = (self.watcher.version, self.watcher.settings)
         self._pending = PSSStepResult()  # start-up messages, returned with the first step
         # every step's detector input, for the dashboard's exact what-if replay
         self.inputs = self._input_log(start_step)
@@ -88,13 +91,13 @@ class PSSController:
                     layer_grad_norms: dict[str, float] | None = None) -> PSSStepResult:
         result, self._pending = self._pending, PSSStepResult()
         try:
-            smooth_now = self._apply(self.watcher.poll(step), step, result)
+            smooth_now = self._apply(*self._poll(step), step, result)
             cfg = self.config
             # warm-up counts the steps this controller has seen (a resumed job warms up again)
             triggered, ratio = self.detector.update(global_grad_norm)
             self.inputs.append(step, global_grad_norm)
             nonfinite = not math.isfinite(global_grad_norm)
-            layers = self._selected()
+            layers = self.selected
             if cfg.per_layer and layer_grad_norms:
                 hits = self._layer_hits(step, layer_grad_norms)
                 triggered = nonfinite or bool(hits)
@@ -125,13 +128,17 @@ class PSSController:
                 hits.add(name)
         return hits
 
-    def _selected(self) -> list[tuple[str, nn.Parameter, str]]:
-        cfg = self.config
-        pattern = re.compile(cfg.layers)
+    def _select(self, cfg: PSSConfig, passed_as: str | None = None) -> list[tuple[str, nn.Parameter, str]]:
+        """The matrices ``cfg`` selects (once per change of the settings). A ``layers``
+        pattern that is invalid or too slow to match raises ``patterns.PatternError``, or a
+        ValueError naming ``passed_as`` (settings passed in code)."""
+        names = [name for name, _ in self.named]
+        names = set(patterns.select_or_raise(passed_as, cfg.layers, names) if passed_as
+                    else patterns.select(cfg.layers, names))
         out = []
         for name, p in self.named:
             kind = self.kinds.get(name, "other")
-            if not views.has_matrix_view(p) or not pattern.search(name):
+            if name not in names or not views.has_matrix_view(p):
                 continue
             if kind == "embedding" and not cfg.include_embeddings:
                 continue
@@ -198,18 +205,39 @@ class PSSController:
             try:
                 written = schema.write_control(self.logdir, self.config)
                 self.watcher.version, self.watcher.settings = written.version, written.settings
+                self._in_force = (written.version, written.settings)
                 self._pending.say(schema.TAG_PSS_CONTROL_TEXT, f"wrote control.json version "
                                   f"{written.version} with the starting settings")
             except (OSError, ControlError) as err:
                 self._reject(f"could not write control.json ({err}); the settings passed in "
                              "code stay", self._pending)
         else:  # old smooth-now requests are not replayed (check() recorded the id)
-            self._apply(replace(existing, smooth_now=False, note=None), 0, self._pending)
+            existing, selected = self._selection_of(replace(existing, smooth_now=False, note=None), 0)
+            self._apply(existing, selected, 0, self._pending)
         self._pending.force_log = True
         self._settings_scalars(self._pending)
 
-    def _apply(self, update: ControlUpdate | None, step: int, result: PSSStepResult) -> bool:
-        """Apply a poll's result; return whether a smooth-now request came with it."""
+    def _poll(self, step: int) -> tuple[ControlUpdate | None, list | None]:
+        """The control file's news at ``step``, with the layers its settings select."""
+        return self._selection_of(self.watcher.poll(step), step)
+
+    def _selection_of(self, update: ControlUpdate | None,
+                      step: int) -> tuple[ControlUpdate | None, list | None]:
+        """``(update, selected layers)``; new settings whose ``layers`` pattern is invalid or
+        too slow to match turn into a rejection, and the watcher keeps what is in force."""
+        if update is None or update.settings is None:
+            return update, None
+        try:
+            return update, self._select(update.settings)
+        except patterns.PatternError as err:
+            self.watcher.version, self.watcher.settings = self._in_force
+            return ControlUpdate(rejected=f"version {update.version}: layers "
+                                 f"{update.settings.layers!r} refused: {err}"), None
+
+    def _apply(self, update: ControlUpdate | None, selected: list | None, step: int,
+               result: PSSStepResult) -> bool:
+        """Apply a poll's result (``selected``: the layers of its settings); return whether a
+        smooth-now request came with it."""
         if update is None:
             return False
         if update.rejected:
@@ -219,7 +247,8 @@ class PSSController:
         if update.settings is not None:
             old, new = self.config.to_dict(), update.settings.to_dict()
             changes = {k: new[k] for k in new if new[k] != old[k]}
-            self.config = update.settings
+            self.config, self.selected = update.settings, selected
+            self._in_force = (self.watcher.version, self.watcher.settings)
             for det in [self.detector, *self.layer_detectors.values()]:
                 det.tau, det.alpha, det.warmup_steps = (self.config.tau, self.config.alpha,
                                                         self.config.warmup_steps)

@@ -2,8 +2,9 @@
 
 Every rank runs a :class:`DistributedPSSController`. Its inputs are the same on every rank:
 the step, the global and per-layer gradient norms (results of an all-reduce, bitwise equal on
-all ranks) and the control file, which rank 0 alone reads and broadcasts on the steps it is
-polled (every ``check_every`` steps). So every rank's detector takes the same decision at the
+all ranks) and the control file, which rank 0 alone reads, with the layers its ``layers``
+pattern selects (a match that may time out, so one rank decides), and broadcasts on the
+steps it is polled (every ``check_every`` steps). So every rank's detector takes the same decision at the
 same step without a broadcast per step.
 
 Smoothing a layer is collective: the rank that owns it (``owners``) holds the whole matrix
@@ -26,28 +27,6 @@ from monitor.distributed import ROWS, Comm, local
 from monitor.metrics import sharded, views
 from monitor.pss.controller import PSSController
 from monitor.pss.smoothing import smooth_matrix, weight_from_matrix
-
-
-class _BroadcastWatcher:
-    """Rank 0's control-file watcher, its polls broadcast to every rank."""
-
-    def __init__(self, inner: Any, comm: Comm) -> None:
-        self.inner, self.comm = inner, comm
-
-    def poll(self, step: int):
-        if step % self.inner.check_every != 0:
-            return None
-        update = self.inner.poll(step) if self.comm.rank == 0 else None
-        return self.comm.broadcast_object(update)
-
-    def __getattr__(self, name: str) -> Any:  # version, smooth_now_seen, check_every, path
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("inner", "comm"):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
 
 
 class _NoInputLog:
@@ -76,7 +55,6 @@ class DistributedPSSController(PSSController):
                  owners: dict[str, int], **kwargs: Any) -> None:
         self.comm, self.placements, self.owners = comm, placements, owners
         super().__init__(*args, **kwargs)
-        self.watcher = _BroadcastWatcher(self.watcher, comm)
 
     def _input_log(self, start_step: int) -> Any:
         """Rank 0 records the detector's input (the same on every rank); the others none."""
@@ -86,13 +64,34 @@ class DistributedPSSController(PSSController):
         """Rank 0 reads (or writes) control.json; every rank starts from its settings."""
         if self.comm.rank == 0:
             super()._start_control()
-        state = (self.config, self.watcher.version, self.watcher.smooth_now_seen)
-        config, version, seen = self.comm.broadcast_object(state if self.comm.rank == 0 else None)
+        state = (self.config, self.watcher.version, self.watcher.smooth_now_seen,
+                 self._in_force, [name for name, *_ in self.selected])
+        config, version, seen, in_force, names = self.comm.broadcast_object(
+            state if self.comm.rank == 0 else None)
         if self.comm.rank != 0:
-            self.config = config
+            self.config, self._in_force, self.selected = config, in_force, self._named(names)
             for det in [self.detector]:
                 det.tau, det.alpha, det.warmup_steps = config.tau, config.alpha, config.warmup_steps
             self.watcher.version, self.watcher.smooth_now_seen = version, seen
+            # rank 0 logs its first step for its start-up messages: every rank must log it
+            # too (a logged step's update norms are an all-reduce)
+            self._pending.force_log = True
+
+    def _poll(self, step: int) -> tuple[Any, list | None]:
+        """Rank 0 checks the control file (every ``check_every`` steps) and matches its
+        ``layers`` pattern, which may time out (``monitor.patterns``); every rank gets the
+        outcome and the selected names, so all decide and smooth alike."""
+        if step % self.watcher.check_every != 0:
+            return None, None
+        update, selected = super()._poll(step) if self.comm.rank == 0 else (None, None)
+        names = None if selected is None else [name for name, *_ in selected]
+        update, names = self.comm.broadcast_object((update, names) if self.comm.rank == 0 else None)
+        return update, None if names is None else self._named(names)
+
+    def _named(self, names: list[str]) -> list[tuple[str, nn.Parameter, str]]:
+        """Rank 0's selection (by name) as this rank's ``(name, param, kind)``."""
+        wanted = set(names)
+        return [(name, p, self.kinds.get(name, "other")) for name, p in self.named if name in wanted]
 
     def _smooth_layer(self, name: str, p: nn.Parameter, kind: str, params: dict) -> dict[str, float]:
         with self.comm.in_step(f"smoothing of {name}"):
