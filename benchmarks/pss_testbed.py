@@ -403,7 +403,7 @@ def _pss_step(pss: PSSController, spec: RunSpec, t: int, g: float, force: bool,
     start = time.perf_counter()
     if force:
         result = PSSStepResult()
-        pss._intervene(t, "random trigger", pss._selected(), result)
+        pss._intervene(t, "random trigger", pss.selected, result)  # the selected layers
     else:
         result = pss.before_step(t, g)
     if result.scalars.get("pss/intervention", 0.0) != 1.0:

@@ -147,3 +147,15 @@ def test_an_lr_jump_multiplies_the_lr_for_five_steps_only():
     jump = train(RunSpec("none", 1e-3, 0, s, fault_step=2, fault_scale=1e4, fault_kind="lr_jump"))
     assert jump.losses[:3] == base.losses[:3]  # identical until the jump acts (step 2's update)
     assert abs(jump.losses[3] - base.losses[3]) > 0.5  # an LR of 10 moves the weights far
+
+
+def test_the_random_trigger_arm_smooths_at_its_random_steps_only():
+    """The random-trigger control (PSS's smoothing, never its detector) acts on exactly
+    ``n_random`` steps after the detection warm-up, and records what PSS records."""
+    from monitor.schema import PSSConfig
+    s = Setup(n_layer=1, n_head=1, n_embd=16, block_size=8, batch_size=4, steps=30, warmup=2,
+              val_batches=1)
+    r = train(RunSpec("random", 0.05, 0, s, pss=PSSConfig(warmup_steps=5), n_random=3))
+    assert len(r.fired) == 3 and all(5 <= t < 30 for t in r.fired)
+    assert len(r.k_values) == 3 * len(block_matrices(make_model(s)))  # every block matrix
+    assert all(k >= 2 for k in r.k_values) and all(d > 0 for d in r.dw_ratio)
