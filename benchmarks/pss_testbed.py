@@ -103,7 +103,7 @@ class RunResult:
     dw_ratio: list[float] = field(default_factory=list)  # ||dW||_F / ||W||_F per smoothed tensor
     sr_before: list[float] = field(default_factory=list)
     sr_after: list[float] = field(default_factory=list)
-    sr_min: list[float] = field(default_factory=list)  # least SR over block matrices, every 10 steps
+    sr_min: list[float] = field(default_factory=list)  # least SR over block matrices, every 25 steps
     step_seconds: float = 0.0  # median wall time of a step without intervention
     intervention_seconds: list[float] = field(default_factory=list)
 
