@@ -569,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default=None, help="JSON-lines cache of finished runs")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--phase0-only", action="store_true", help="stop after phase 0")
+    parser.add_argument("--no-faults", action="store_true",
+                        help="skip the injected faults (e.g. more seeds at one LR)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the runs in --cache")
     args = parser.parse_args(argv)
@@ -608,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
                    for sp in specs if "random" in arms and sp.arm == "pss" and key(sp) in store.runs]
     store.run([[sp] for sp in randoms], args.workers, deadline, on_done)
     inj = [replace(arm_spec(a, eta, s, setup), fault_step=FAULT_STEP, fault_scale=x, fault_kind=k)
-           for k, x in INJECTIONS for a in INJECT_ARMS if a in args.arms for s in args.seeds]
+           for k, x in INJECTIONS for a in INJECT_ARMS if a in args.arms for s in args.seeds
+           if not args.no_faults]
     store.run([[sp] for sp in inj], args.workers, deadline, on_done)
     extra = ("\n## Injected faults\n\nAt step " + f"{FAULT_STEP}, LR eta*: `lr_jump` multiplies "
              f"the LR by the factor for {LR_JUMP_STEPS} steps; `bit_flip` one entry of one block "
