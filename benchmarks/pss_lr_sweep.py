@@ -520,7 +520,7 @@ def stages(arms, mults, seeds) -> list[tuple[str, float | None, tuple[str, ...],
 def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: float, extra: str) -> None:
     mults, seeds, arms = args.mults, args.seeds, args.arms
     table, table2, stats, base = phase1_tables(store, eta, tuple(arms), mults, seeds)
-    body = [_intro(args, setup), text0, "## Phase 1: validation loss (failures / seeds)\n",
+    body = [_kept_verdict(args.out), _intro(args, setup), text0, "## Phase 1: validation loss (failures / seeds)\n",
             "Mean validation loss over the seeds (a stalled run that recovered late counts "
             "with its loss; non-finite losses left out); in brackets the runs that failed "
             "(exploded, or stalled >= 100 steps at the unigram plateau, see phase 0). eta* = " + f"{eta:.4g}; best `none` validation loss {base:.3f}.\n", table,
@@ -544,8 +544,29 @@ def report(store: Store, args, setup: Setup, eta: float, text0: str, elapsed: fl
                   "people use", "\n".join(body))
 
 
+VERDICT = "## Verdict (hand-written"
+INTRO = "Protocol of issue 11 (see the script's docstring)."
+
+
+def _kept_verdict(path: str) -> str:
+    """The hand-written verdict section of the results file being rewritten (from its
+    ``VERDICT`` heading to the generated intro or the next ``## `` heading), so that regenerating the tables, e.g.
+    with ``--report-only``, keeps it; "" when there is none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:
+        return ""
+    start = text.find(VERDICT)
+    if start < 0:
+        return ""
+    ends = [i for i in (text.find("\n## ", start + 1), text.find("\n" + INTRO, start))
+            if i >= 0]
+    return text[start:min(ends, default=len(text))].rstrip() + "\n"
+
+
 def _intro(args, setup: Setup) -> str:
-    return ("Protocol of issue 11 (see the script's docstring). Arms run: " + ", ".join(
+    return (INTRO + " Arms run: " + ", ".join(
         f"`{a}`" for a in args.arms) + " (defined in `benchmarks/pss_testbed.py`); `pss` is "
         "`PSSConfig()` (tau 2.5, alpha 0.1, warm-up 100, conv window 3, k_min 2); `pss_alt` is "
         "`PSSConfig(method=\"clip\", warmup_steps=10)`: the strongest flattening "
