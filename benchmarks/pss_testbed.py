@@ -1,11 +1,13 @@
-"""The spike testbed of the PSS comparison (``benchmarks/pss_lr_sweep.py``).
+"""The testbed of the PSS comparison (``benchmarks/pss_lr_sweep.py``).
 
-A small pre-LN character transformer trained with AdamW(0.9, 0.95), weight decay 0.1,
-linear warm-up then cosine decay, on the Python standard library's source (held-out
-validation split), sized so that one 1,000-step run takes seconds on one CPU thread.
-``train(RunSpec)`` runs one arm (an intervention against loss spikes) and returns a
+The GPT of ``benchmarks/spike_model.py`` (post-LN here: ``Setup``), a character model
+trained with AdamW(0.9, 0.95), weight decay 0.1, linear warm-up then cosine decay, on the
+Python standard library's source (held-out validation split), sized so that one 400-step
+run takes about 15 s on one CPU thread. ``train(RunSpec)`` runs one arm (an intervention
+against loss spikes), optionally with an injected fault (``FAULTS``), and returns a
 ``RunResult`` with per-step training loss and pre-clip gradient norm, the validation
-loss, and what PSS did.
+loss, and what PSS did. A run fails when it explodes (``explosion_step``: issue 11's rule)
+or stalls at the unigram plateau (``failed``), the way post-LN fails at too large an LR.
 
 Arms (``ARMS``):
 
@@ -32,6 +34,7 @@ Only torch and this repository are needed, except ``adagc`` and ``spam``
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -42,9 +45,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.spike_model import SpikeGPT, SpikeGPTConfig  # noqa: E402
 from demos.data import encode, stdlib_text  # noqa: E402
 from monitor.pss.controller import PSSController, PSSStepResult  # noqa: E402
 from monitor.schema import PSSConfig  # noqa: E402
@@ -52,21 +55,28 @@ from monitor.schema import PSSConfig  # noqa: E402
 ARMS = ("none", "clip", "zclip", "adagc", "spam", "msign", "pss", "pss_alt", "qkln", "random")
 MSIGN_EVERY = 100
 EXPLODE_NATS, EXPLODE_STEPS = 1.0, 20  # explosion: loss > running min + 1 nat for >= 20 steps
+# stalled: the 50-step mean training loss >= the unigram loss - 0.1 nat for >= 100 steps
+STALL_WINDOW, STALL_MARGIN, STALL_STEPS = 50, 0.1, 100
 
 
 @dataclass(frozen=True)
 class Setup:
-    n_layer: int = 2
-    n_head: int = 1
-    n_embd: int = 32
+    """The testbed (phase 0 of the sweep chose it: post-LN fails at 2x its optimal LR)."""
+
+    n_layer: int = 4
+    n_head: int = 2
+    n_embd: int = 64
     block_size: int = 32
     batch_size: int = 16
-    steps: int = 1000
-    warmup: int = 10
+    steps: int = 400
+    warmup: int = 40
     stop_after: int = 200  # stop a run that stayed exploded this many steps (a collapse)
     min_lr_frac: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
     val_batches: int = 16
+    post_ln: bool = True  # post-LN blocks (spike_model.py)
+    beta2: float = 0.95
+    eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,9 @@ class RunSpec:
     setup: Setup = Setup()
     pss: PSSConfig | None = None  # the pss / pss_alt / random settings
     n_random: int = 0  # random arm: how many interventions
-    fault_step: int | None = None  # inject a fault (rank-one spike in every block matrix)
+    fault_step: int | None = None  # inject a fault of ``fault_kind`` at this step
     fault_scale: float = 0.0
+    fault_kind: str = "rank_one"  # one of FAULTS
 
 
 @dataclass
@@ -92,70 +103,34 @@ class RunResult:
     dw_ratio: list[float] = field(default_factory=list)  # ||dW||_F / ||W||_F per smoothed tensor
     sr_before: list[float] = field(default_factory=list)
     sr_after: list[float] = field(default_factory=list)
-    sr_min: list[float] = field(default_factory=list)  # least SR over block matrices, every 10 steps
+    sr_min: list[float] = field(default_factory=list)  # least SR over block matrices, every 25 steps
     step_seconds: float = 0.0  # median wall time of a step without intervention
     intervention_seconds: list[float] = field(default_factory=list)
 
     def explosion_step(self) -> int | None:
-        """First step of the first explosion (non-finite, or >= 20 steps above min + 1 nat)."""
-        best, above = math.inf, 0
-        for t, loss in enumerate(self.losses):
-            if not math.isfinite(loss):
-                return t - above
-            best = min(best, loss)
-            above = above + 1 if loss > best + EXPLODE_NATS else 0
-            if above >= EXPLODE_STEPS:
-                return t - above + 1
-        return None
+        return explosion_step(self.losses)
+
+
+def explosion_step(losses: list[float]) -> int | None:
+    """First step of the first explosion: the training loss non-finite, or above its running
+    minimum + 1 nat (``EXPLODE_NATS``) for >= 20 consecutive steps (``EXPLODE_STEPS``)."""
+    best, above = math.inf, 0
+    for t, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return t - above
+        best = min(best, loss)
+        above = above + 1 if loss > best + EXPLODE_NATS else 0
+        if above >= EXPLODE_STEPS:
+            return t - above + 1
+    return None
 
 
 # ---------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, d: int, n_head: int, qk_ln: bool) -> None:
-        super().__init__()
-        self.c_attn, self.c_proj, self.n_head = nn.Linear(d, 3 * d), nn.Linear(d, d), n_head
-        hd = d // n_head
-        self.q_ln = nn.LayerNorm(hd) if qk_ln else nn.Identity()
-        self.k_ln = nn.LayerNorm(hd) if qk_ln else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
-        y = F.scaled_dot_product_attention(self.q_ln(q), self.k_ln(k), v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, n_head: int, qk_ln: bool) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_head, qk_ln)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-LN
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, s: Setup, qk_ln: bool = False, vocab: int = 128) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, s.n_embd), nn.Embedding(s.block_size, s.n_embd)
-        self.blocks = nn.ModuleList([Block(s.n_embd, s.n_head, qk_ln) for _ in range(s.n_layer)])
-        self.ln_f, self.head = nn.LayerNorm(s.n_embd), nn.Linear(s.n_embd, vocab, bias=False)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+def make_model(s: Setup, qk_norm: bool = False) -> SpikeGPT:
+    """The testbed's GPT (``benchmarks/spike_model.py``) sized by ``s``."""
+    return SpikeGPT(SpikeGPTConfig(vocab_size=128, block_size=s.block_size, n_layer=s.n_layer,
+                                   n_head=s.n_head, n_embd=s.n_embd, qk_norm=qk_norm,
+                                   post_ln=s.post_ln))
 
 
 def block_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -175,6 +150,39 @@ def data(split: str) -> torch.Tensor:
     return _DATA[split]
 
 
+@functools.lru_cache(maxsize=None)
+def unigram_loss(split: str = "train") -> float:
+    """Cross-entropy of ``split`` under the training split's byte frequencies,
+    ``-sum q log p``: the loss of a model that learned nothing but the unigram (the plateau a
+    post-LN transformer stalls at when its LR is too large; 3.18 nats on train here)."""
+    p = torch.bincount(data("train"), minlength=128).double()
+    q = torch.bincount(data(split), minlength=128).double()
+    p, q = p / p.sum(), q / q.sum()
+    return float(-(q[p > 0] * p[p > 0].log()).sum())
+
+
+def stall_steps(losses: list[float], plateau: float, start: int) -> int:
+    """The longest stretch of steps ``t >= start`` whose trailing mean training loss over
+    ``STALL_WINDOW`` steps is at or above ``plateau - STALL_MARGIN``: how long the run sat
+    at (or above) the unigram plateau after the warm-up."""
+    best = run = 0
+    for t in range(start, len(losses)):
+        window = losses[max(0, t - STALL_WINDOW + 1): t + 1]
+        mean = sum(window) / len(window)
+        run = run + 1 if not mean < plateau - STALL_MARGIN else 0  # NaN counts as stalled
+        best = max(best, run)
+    return best
+
+
+def failed(losses: list[float], s: Setup, explosion: int | None = None) -> bool:
+    """A failed run: it exploded (issue 11's rule, ``explosion_step``), or it stalled at the
+    unigram plateau for >= ``STALL_STEPS`` steps after the warm-up (``stall_steps``, counted
+    from ``warmup + STALL_WINDOW``)."""
+    if explosion is not None:
+        return True
+    return stall_steps(losses, unigram_loss(), s.warmup + STALL_WINDOW) >= STALL_STEPS
+
+
 def batch(split: str, s: Setup, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     windows = data(split).unfold(0, s.block_size + 1, 1)  # a view: (N, T + 1)
     rows = windows[torch.randint(len(windows), (s.batch_size,), generator=gen)]
@@ -191,7 +199,7 @@ def lr_at(step: int, s: Setup, peak: float) -> float:
 @torch.no_grad()
 def validation_loss(model: nn.Module, s: Setup) -> float:
     gen = torch.Generator().manual_seed(12345)  # the same held-out batches for every run
-    losses = [float(model(*batch("val", s, gen))) for _ in range(s.val_batches)]
+    losses = [float(model(*batch("val", s, gen))[0]) for _ in range(s.val_batches)]
     return sum(losses) / len(losses)
 
 
@@ -251,6 +259,30 @@ def msign_(model: nn.Module) -> None:
         p.copy_(U @ Vh * (p.norm() / math.sqrt(min(p.shape))))
 
 
+#: injected faults: ``rank_one`` (below); the spike testbed's mechanisms
+#: (benchmarks/spike_testbed.py): ``lr_jump`` (LR x scale for 5 steps), ``bit_flip`` (one
+#: entry of one block matrix x scale, as a flipped exponent bit does), ``weight_scale`` (one
+#: attention qkv matrix x scale)
+FAULTS = ("rank_one", "lr_jump", "bit_flip", "weight_scale")
+LR_JUMP_STEPS = 5
+
+
+@torch.no_grad()
+def inject(model: SpikeGPT, kind: str, scale: float, gen: torch.Generator) -> None:
+    """Corrupt the weights in place (every kind but ``lr_jump``, which ``lr_at`` applies)."""
+    if kind == "rank_one":
+        inject_fault(model, scale, gen)
+        return
+    block = model.blocks[int(torch.randint(len(model.blocks), (1,), generator=gen))]
+    if kind == "weight_scale":
+        block.attn.qkv.weight.mul_(scale)
+    elif kind == "bit_flip":
+        w = (block.fc.weight, block.attn.qkv.weight)[int(torch.randint(2, (1,), generator=gen))]
+        w.view(-1)[int(torch.randint(w.numel(), (1,), generator=gen))] *= scale
+    elif kind != "lr_jump":
+        raise ValueError(f"unknown fault {kind!r}; choose from {FAULTS}")
+
+
 @torch.no_grad()
 def inject_fault(model: nn.Module, scale: float, gen: torch.Generator) -> None:
     """Add ``scale · ||W||_F · u vᵀ`` (unit random u, v) to every block matrix: an injected
@@ -267,11 +299,11 @@ def make_optimizer(arm: str, model: nn.Module, s: Setup, lr: float) -> torch.opt
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if arm == "adagc":
         from pytorch_optimizer import AdaGC
-        return AdaGC(groups, lr=lr, betas=(0.9, 0.95))
+        return AdaGC(groups, lr=lr, betas=(0.9, s.beta2), eps=s.eps)
     if arm == "spam":
         from pytorch_optimizer import SPAM
-        return SPAM(groups, lr=lr, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+        return SPAM(groups, lr=lr, betas=(0.9, s.beta2))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, s.beta2), eps=s.eps, fused=True)
 
 
 def _collapsed(out: RunResult, s: Setup) -> bool:
@@ -294,7 +326,7 @@ def train(spec: RunSpec) -> RunResult:
     torch.set_num_threads(1)
     s = spec.setup
     torch.manual_seed(spec.seed)
-    model = TinyGPT(s, qk_ln=spec.arm == "qkln")
+    model = make_model(s, qk_norm=spec.arm == "qkln")
     opt = make_optimizer(spec.arm, model, s, spec.lr)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(1000 + spec.seed)  # same data order in every arm
@@ -306,11 +338,13 @@ def train(spec: RunSpec) -> RunResult:
     step_times = []
     for t in range(s.steps):
         start = time.perf_counter()
+        jump = (spec.fault_kind == "lr_jump" and spec.fault_step is not None
+                and spec.fault_step <= t < spec.fault_step + LR_JUMP_STEPS)
         for group in opt.param_groups:
-            group["lr"] = lr_at(t, s, spec.lr)
+            group["lr"] = lr_at(t, s, spec.lr) * (spec.fault_scale if jump else 1.0)
         if spec.fault_step == t:
-            inject_fault(model, spec.fault_scale, fault_gen)
-        loss = model(*batch("train", s, gen))
+            inject(model, spec.fault_kind, spec.fault_scale, fault_gen)
+        _, loss = model(*batch("train", s, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         g = float(torch.linalg.vector_norm(torch.stack(
@@ -369,7 +403,7 @@ def _pss_step(pss: PSSController, spec: RunSpec, t: int, g: float, force: bool,
     start = time.perf_counter()
     if force:
         result = PSSStepResult()
-        pss._intervene(t, "random trigger", pss._selected(), result)
+        pss._intervene(t, "random trigger", pss.selected, result)  # the selected layers
     else:
         result = pss.before_step(t, g)
     if result.scalars.get("pss/intervention", 0.0) != 1.0:

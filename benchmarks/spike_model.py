@@ -1,4 +1,7 @@
-"""The spike testbed's model: a small pre-LN GPT that exposes the literature's instability signals.
+"""The testbeds' model: a small GPT that exposes the literature's instability signals.
+
+Used by the spike testbed (``benchmarks/spike_testbed.py``) and the PSS trial
+(``benchmarks/pss_testbed.py``).
 
 Like ``demos/model.py`` (after nanoGPT) but with explicit attention so that the largest
 attention logit can be read (Wortsman et al. 2023, "Small-scale proxies for large-scale
@@ -6,6 +9,12 @@ Transformer training instabilities": attention-logit growth and output-logit div
 the two instabilities a small model shows at high learning rate), and the two fixes that
 paper studies as switches: QK-layernorm and the z-loss ``1e-4 * mean(log Z)^2``.
 No weight tying, so the output layer is a matrix of its own.
+
+``post_ln`` switches the residual blocks from pre-LN ``x + f(LN(x))`` to the original
+Transformer's post-LN ``LN(x + f(x))`` (no final LayerNorm: the last block's output is
+already normalised). Xiong et al. 2020 ("On Layer Normalization in the Transformer
+Architecture") show post-LN's gradients near the output are large at initialisation, so it
+diverges at moderate LR without a warm-up: a natural instability near the optimal LR.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ class SpikeGPTConfig:
     n_embd: int = 64
     qk_norm: bool = False  # LayerNorm on queries and keys (Wortsman et al.'s fix)
     z_loss: float = 0.0  # weight of mean(log Z)^2 added to the loss (1e-4 in the paper)
+    post_ln: bool = False  # LN(x + f(x)) blocks (Vaswani et al.) instead of x + f(LN(x))
 
 
 class Attention(nn.Module):
@@ -60,8 +70,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.fc_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.post_ln = cfg.post_ln
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_ln:  # normalise after the residual sum
+            x = self.ln_1(x + self.attn(x))
+            return self.ln_2(x + self.fc_proj(F.gelu(self.fc(x))))
         x = x + self.attn(self.ln_1(x))  # pre-LN residual blocks
         return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
 
@@ -73,7 +87,7 @@ class SpikeGPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = nn.Identity() if cfg.post_ln else nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():
             if p.ndim >= 2:
@@ -90,7 +104,7 @@ class SpikeGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))  # (B, T, vocab)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         logz = torch.logsumexp(logits, dim=-1)  # (B, T)
         zsq = logz.pow(2).mean()
         self.logz_rms = float(zsq.detach().sqrt())
