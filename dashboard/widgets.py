@@ -52,15 +52,19 @@ def chart_style() -> charts.Style:
     return charts.Style(x=x, smoothing=float(smoothing))
 
 
-def layer_pattern(label: str, key: str, default: str = "") -> tuple[str, str | None]:
-    """A regex text input; returns (pattern, error message or None)."""
+def layer_pattern(label: str, key: str, layers: list[str],
+                  default: str = "") -> tuple[list[str], str, str | None]:
+    """A regex text input over ``layers``: ``(the layers it matches, the pattern, an error
+    message or None)``. The pattern is matched here, on the real names and under
+    ``monitor.patterns``' time budget, so an invalid pattern or one that would backtrack
+    for ever (``(a|aa)+$`` on a long name) gives a message instead of a stalled or broken
+    page."""
     pattern = st.text_input(label, value=default, key=key,
                             help="Python regular expression, matched anywhere in the name")
     try:
-        charts.filter_layers([], pattern)
-    except Exception as err:
-        return pattern, f"Invalid pattern {pattern!r}: {err}"
-    return pattern, None
+        return charts.filter_layers(layers, pattern), pattern, None
+    except re.error as err:  # monitor.patterns.PatternError is one
+        return [], pattern, f"Invalid pattern {pattern!r}: {err}"
 
 
 def exact_pattern(layers) -> str:

@@ -156,3 +156,26 @@ def test_dashboard_layer_filter_refuses_a_stalling_pattern():
     with pytest.raises(patterns.PatternError, match="catastrophic"):
         charts.filter_layers([HOSTILE_NAME], OVERLAPPING)
     assert charts.filter_layers([HOSTILE_NAME, "net.weight"], NESTED) == []
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_views_show_a_stalling_pattern_as_a_message(tmp_path, monkeypatch):
+    """Typed into the Layers and Learning-rates views' filters, a pattern that only the
+    time budget stops gives an error message on the page, not an exception."""
+    from tests.test_dashboard_app import open_app, show, texts
+
+    model = Named()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with monitor.watch(model, opt, str(tmp_path / "run"), every=1, preset="cheap"):
+        x = torch.randn(8, 6)
+        for _ in range(3):
+            model(x).backward()
+            opt.step()
+            opt.zero_grad()
+    at = show(open_app(tmp_path, monkeypatch), "Layers")
+    at.text_input(key="layers_filter").set_value(OVERLAPPING).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "catastrophic" in texts(at.error)
+    show(at, "Learning rates").text_input(key="lr_filter").set_value(OVERLAPPING).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "catastrophic" in texts(at.error)

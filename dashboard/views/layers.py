@@ -21,15 +21,15 @@ def render(ctx: Context) -> None:
     hits = [m for m in metrics if search and search.lower() in m.lower()]
     left, mid, right = st.columns([2, 3, 1])
     metric = left.selectbox("Metric", hits or metrics, key="layers_metric")
+    all_layers = charts.layer_order(ctx.layers(metric), cache.model_order(ctx.runs))
     with mid:
-        pattern, error = widgets.layer_pattern("Filter layers (regex)", "layers_filter")
+        layers, pattern, error = widgets.layer_pattern("Filter layers (regex)", "layers_filter",
+                                                       all_layers)
     log = right.toggle("Log scale", value=metric in charts.LOG_METRICS, key=f"log_{metric}")
     widgets.explain_metric(metric)
     if error:
         st.error(error)
         return
-    all_layers = charts.layer_order(ctx.layers(metric), cache.model_order(ctx.runs))
-    layers = charts.filter_layers(all_layers, pattern)
     if search and not hits:
         layers = [name for name in layers if search.lower() in name.lower()]
     if not layers:
@@ -59,15 +59,14 @@ def lines(ctx: Context, metric: str, layers: list[str], log: bool) -> None:
     found = cache.found_alerts(ctx.key, ctx.readers)
     alerted = [str(x) for x in found[found["kind"].map(ALERT_METRIC) == metric]["layer"]]
     default = transforms.default_lines(alerted, cache.moved(ctx.key, metric, ctx.readers), layers)
-    pattern, error = widgets.layer_pattern(
-        "Layers to draw as lines (regex)", f"lines_filter_{metric}",
+    picked, _, error = widgets.layer_pattern(
+        "Layers to draw as lines (regex)", f"lines_filter_{metric}", layers,
         default=widgets.exact_pattern(default))
     st.caption("Default: the layers that alerted on this metric, then those that moved most "
                "(|log(last / first)|).")
     if error:
         st.error(error)
         return
-    picked = charts.filter_layers(layers, pattern)
     if len(picked) > charts.MAX_LINES:
         st.caption(f"{len(picked)} layers match; the first {charts.MAX_LINES} are drawn.")
     table = ctx.rows(metric, layers=picked[:charts.MAX_LINES])  # the drawn layers' rows only

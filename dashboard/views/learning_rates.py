@@ -23,12 +23,11 @@ def render(ctx: Context) -> None:
         return
     st.caption(EXPLAIN)
     all_layers = charts.layer_order(ctx.layers(), cache.model_order(ctx.runs))
-    pattern, error = widgets.layer_pattern("Layers (regex)", "lr_filter",
-                                           default=widgets.exact_pattern(all_layers[:4]))
+    layers, _, error = widgets.layer_pattern("Layers (regex)", "lr_filter", all_layers,
+                                             default=widgets.exact_pattern(all_layers[:4]))
     if error:
         st.error(error)
         return
-    layers = charts.filter_layers(all_layers, pattern)
     if len(layers) > charts.MAX_LINES:
         st.caption(f"{len(layers)} layers match; the first {charts.MAX_LINES} are drawn.")
     rows = ctx.rows("lr", "lr_effective")
