@@ -594,8 +594,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the injected faults (e.g. more seeds at one LR)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the runs in --cache")
+    parser.add_argument("--natural", action="store_true", help="only the stage of natural "
+                        "surge-driven spikes (benchmarks/pss_natural.py) -> results/pss_natural_spikes.md")
+    parser.add_argument("--natural-pilot", action="store_true", help="with --natural: the pilot only")
+    parser.add_argument("--natural-lr", type=float, default=None, help="with --natural: the LR")
+    parser.add_argument("--natural-arms", nargs="+", default=None,
+                        help="with --natural: labels of pss_natural.ARMS (default DEFAULT_LABELS)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.natural:
+        return natural_main(args)
     setup = Setup(steps=60, warmup=5, val_batches=2) if args.quick else Setup()
     lrs = (2.0 ** -8, 2.0 ** -6) if args.quick else PHASE0_LRS
     args.mults = tuple(int(m) if float(m).is_integer() else m
@@ -643,6 +651,24 @@ def main(argv: list[str] | None = None) -> None:
              + "\n## Resetting optimizer state (`reset_optimizer_state`)\n\nAdam's next update "
              "after 300 steps at eta*, per entry, in units of lr:\n\n" + reset_measurement(eta, setup))
     report(store, args, setup, eta, text0, time.time() - start, extra)
+
+
+def natural_main(args) -> None:
+    """The natural-spike stage (``benchmarks/pss_natural.py``): the pilot, then the arms."""
+    from benchmarks import pss_natural as nat
+    store, start = Store(args.cache), time.time()
+    seeds = args.seeds or (0, 1, 2, 3)
+    store.run([[nat.spec("none", lr, 0)] for lr in nat.PILOT_LRS], args.workers)
+    body = ["## Pilot: `none`, seed 0\n", nat.pilot_table(store, nat.PILOT_LRS)]
+    if not args.natural_pilot and args.natural_lr:
+        labels = [lb for lb in (args.natural_arms or nat.DEFAULT_LABELS)]
+        runs = nat.run_stage(store, args.natural_lr, seeds, labels, args.workers)
+        body += ["\n## Arms\n", nat.stage_report(runs, args.natural_lr)]
+    body.append(f"\nWall time: {(time.time() - start) / 60:.1f} min ({args.workers} processes, "
+                "1 torch thread each, nice 19, machine shared).\n")
+    write_results(args.out if args.out != RESULTS else RESULTS.replace("pss.md", "pss_natural_spikes.md"),
+                  "PSS on natural surge-driven spikes (pre-LN, far above eta*)",
+                  nat.__doc__.split("\n\n", 2)[2] + "\n" + "\n".join(body))
 
 
 if __name__ == "__main__":
