@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
 
 import numpy as np
 
 from benchmarks.common import md_table
+from benchmarks.pss_lr_sweep import PSS_ALT, fmt, key
 from benchmarks.pss_testbed import RunSpec, Setup, explosion_step
 from benchmarks.spike_testbed import MIN_STEP, label_events
 from monitor.schema import PSSConfig
@@ -103,7 +103,6 @@ def late_explosion(losses: list[float]) -> int | None:
 def spec(label: str, lr: float, seed: int, n_random: int = 0) -> RunSpec:
     _, arm, cfg = next(a for a in ARMS if a[0] == label)
     if arm == "pss_alt":
-        from benchmarks.pss_lr_sweep import PSS_ALT
         cfg = PSS_ALT
     return RunSpec(arm, lr, seed, NATURAL, pss=cfg, n_random=n_random)
 
@@ -111,7 +110,6 @@ def spec(label: str, lr: float, seed: int, n_random: int = 0) -> RunSpec:
 def run_stage(store, lr: float, seeds, labels, workers: int) -> dict:
     """Run every (label, seed) not cached; ``random*`` after its ``pss*`` run, with as many
     interventions. Returns {label: {seed: summary}}."""
-    from benchmarks.pss_lr_sweep import key
     rnd = []
     first = [lb for lb in labels if lb in ("none", "pss", "pss_w20")]
     for group in (first, [lb for lb in labels if lb not in first]):
@@ -134,15 +132,8 @@ def run_stage(store, lr: float, seeds, labels, workers: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- report
-def _fmt(x, d: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{d}f}"
-
-
 def pilot_table(store, lrs, seed: int = 0) -> str:
     """The pilot: ``none`` at each LR, one seed."""
-    from benchmarks.pss_lr_sweep import key
     rows = []
     for lr in lrs:
         v = store.runs.get(key(spec("none", lr, seed)))
@@ -152,10 +143,10 @@ def pilot_table(store, lrs, seed: int = 0) -> str:
         g = [x for x in v["grad_norms"] if math.isfinite(x)]
         up = surges(v["grad_norms"], onsets)
         rows.append([f"{lr:g}", n_sp, n_col, ", ".join(map(str, onsets)) or "-",
-                     ", ".join(_fmt(x, 1) for x in up) or "-",
-                     v["explosion"], late_explosion(v["losses"]), _fmt(v["val"]),
-                     _fmt(max_excursion(v["losses"]), 2), _fmt(max(g), 1),
-                     _fmt(statistics.median(g), 2), _fmt(1000 * v["step_s"], 0)])
+                     ", ".join(fmt(x, 1) for x in up) or "-",
+                     v["explosion"], late_explosion(v["losses"]), fmt(v["val"]),
+                     fmt(max_excursion(v["losses"]), 2), fmt(max(g), 1),
+                     fmt(statistics.median(g), 2), fmt(1000 * v["step_s"], 0)])
     return md_table(["LR", "spikes", "collapses", "spike onsets", "gradient-norm surge at "
                      "each (peak / median of 100 before)", "explosion step (issue's rule)",
                      "explosion step from step 20",
@@ -194,15 +185,15 @@ def stage_report(runs: dict, lr: float) -> str:
         leads = [x for r in rr for x in r["leads"]]
         hit = [x for x in leads if x is not None]
         pss = lb.startswith(("pss", "random"))
-        rows.append([lb, len(rr), _fmt(statistics.mean(r["spikes"] for r in rr), 2),
+        rows.append([lb, len(rr), fmt(statistics.mean(r["spikes"] for r in rr), 2),
                      sum(r["collapses"] for r in rr), sum(r["exploded"] for r in rr),
-                     _fmt(statistics.mean(r["val"] for r in rr)) if all(
+                     fmt(statistics.mean(r["val"] for r in rr)) if all(
                          math.isfinite(r["val"]) for r in rr) else "inf in some",
-                     _fmt(statistics.median(r["exc"] for r in rr), 2),
+                     fmt(statistics.median(r["exc"] for r in rr), 2),
                      sum(r["fired"] for r in rr) if pss else "",
                      (f"{len(hit)}/{len(leads)}" + (f", median {statistics.median(hit):g}"
                                                     if hit else "")) if pss else "",
-                     _fmt(statistics.median([x for r in rr for x in r["dw"]]), 4)
+                     fmt(statistics.median([x for r in rr for x in r["dw"]]), 4)
                      if pss and any(r["dw"] for r in rr) else ""])
         refs = ["none"] + (["random" + lb[3:]] if lb.startswith("pss") and lb != "pss_alt" else [])
         for ref in refs:
@@ -210,9 +201,9 @@ def stage_report(runs: dict, lr: float) -> str:
                 continue
             d_sp, p_sp = paired(by_seed, runs[ref], "spikes")
             d_v, p_v = paired(by_seed, runs[ref], "val")
-            tests.append([f"{lb} - {ref}", len(d_sp), _fmt(statistics.mean(d_sp), 2) if d_sp else "-",
-                          _fmt(p_sp), len(d_v), f"{statistics.mean(d_v):+.3f}" if d_v else "-",
-                          _fmt(p_v)])
+            tests.append([f"{lb} - {ref}", len(d_sp), fmt(statistics.mean(d_sp), 2) if d_sp else "-",
+                          fmt(p_sp), len(d_v), f"{statistics.mean(d_v):+.3f}" if d_v else "-",
+                          fmt(p_v)])
     return (f"LR {lr:g}, constant, no warm-up.\n\n"
             + md_table(["arm", "seeds", "spikes per run (mean)", "collapses (total)",
                         "exploded (issue's rule from step 20)", "val loss (mean)", "max excursion (median, nats)",
