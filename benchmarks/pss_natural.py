@@ -144,7 +144,8 @@ def pilot_table(store, lrs, seed: int = 0) -> str:
         up = surges(v["grad_norms"], onsets)
         rows.append([f"{lr:g}", n_sp, n_col, ", ".join(map(str, onsets)) or "-",
                      ", ".join(fmt(x, 1) for x in up) or "-",
-                     v["explosion"], late_explosion(v["losses"]), fmt(v["val"]),
+                     *("-" if x is None else x for x in (v["explosion"], late_explosion(v["losses"]))),
+                     fmt(v["val"]),
                      fmt(max_excursion(v["losses"]), 2), fmt(max(g), 1),
                      fmt(statistics.median(g), 2), fmt(1000 * v["step_s"], 0)])
     return md_table(["LR", "spikes", "collapses", "spike onsets", "gradient-norm surge at "
