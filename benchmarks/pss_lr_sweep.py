@@ -658,16 +658,19 @@ def natural_main(args) -> None:
     from benchmarks import pss_natural as nat
     store, start = Store(args.cache), time.time()
     seeds = args.seeds or (0, 1, 2, 3)
-    store.run([[nat.spec("none", lr, 0)] for lr in nat.PILOT_LRS], args.workers)
-    body = ["## Pilot: `none`, seed 0\n", nat.pilot_table(store, nat.PILOT_LRS)]
+    deadline = -math.inf if args.report_only else (
+        start + 60 * args.budget_min if args.budget_min else math.inf)
+    store.run([[nat.spec("none", lr, 0)] for lr in nat.PILOT_LRS], args.workers, deadline)
+    out = args.out if args.out != RESULTS else RESULTS.replace("pss.md", "pss_natural_spikes.md")
+    body = [_kept_verdict(out), "## Pilot: `none`, seed 0\n", nat.pilot_table(store, nat.PILOT_LRS)]
     if not args.natural_pilot and args.natural_lr:
-        labels = [lb for lb in (args.natural_arms or nat.DEFAULT_LABELS)]
-        runs = nat.run_stage(store, args.natural_lr, seeds, labels, args.workers)
+        labels = list(args.natural_arms or nat.DEFAULT_LABELS)
+        runs = nat.run_stage(store, args.natural_lr, seeds, labels, args.workers, deadline)
         body += ["\n## Arms\n", nat.stage_report(runs, args.natural_lr)]
-    body.append(f"\nWall time: {(time.time() - start) / 60:.1f} min ({args.workers} processes, "
+    body.append("\nWritten from the cache of the runs (`--report-only`).\n" if args.report_only else
+                f"\nWall time: {(time.time() - start) / 60:.1f} min ({args.workers} processes, "
                 "1 torch thread each, nice 19, machine shared).\n")
-    write_results(args.out if args.out != RESULTS else RESULTS.replace("pss.md", "pss_natural_spikes.md"),
-                  "PSS on natural surge-driven spikes (pre-LN, far above eta*)",
+    write_results(out, "PSS on natural surge-driven spikes (pre-LN, far above eta*)",
                   nat.__doc__.split("\n\n", 2)[2] + "\n" + "\n".join(body))
 
 

@@ -15,7 +15,8 @@ Per run: labelled spikes and collapses; explosion by issue 11's rule
 ``max_t (loss_t - min_{s<t} loss_s)`` over ``t >= 20`` (``max_excursion``); for PSS: steps
 fired, the lead of the first trigger near each spike's onset (``trigger_leads``) and
 ||dW||/||W||. Each arm against ``none`` paired by seed: spikes by Wilcoxon's signed-rank
-test, validation loss by a paired t-test (scipy); PSS against ``random`` too.
+test (and spikes + collapses), validation loss by a paired t-test (scipy); PSS against
+``random`` too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import statistics
 import numpy as np
 
 from benchmarks.common import md_table
-from benchmarks.pss_lr_sweep import PSS_ALT, fmt, key
+from benchmarks.pss_lr_sweep import PSS_ALT, fmt, key, pval
 from benchmarks.pss_testbed import RunSpec, Setup, explosion_step
 from benchmarks.spike_testbed import MIN_STEP, label_events
 from monitor.schema import PSSConfig
@@ -107,15 +108,15 @@ def spec(label: str, lr: float, seed: int, n_random: int = 0) -> RunSpec:
     return RunSpec(arm, lr, seed, NATURAL, pss=cfg, n_random=n_random)
 
 
-def run_stage(store, lr: float, seeds, labels, workers: int) -> dict:
-    """Run every (label, seed) not cached; ``random*`` after its ``pss*`` run, with as many
-    interventions. Returns {label: {seed: summary}}."""
+def run_stage(store, lr: float, seeds, labels, workers: int, deadline: float = math.inf) -> dict:
+    """Run every (label, seed) not cached (none starts after ``deadline``); ``random*``
+    after its ``pss*`` run, with as many interventions. Returns {label: {seed: summary}}."""
     rnd = []
     first = [lb for lb in labels if lb in ("none", "pss", "pss_w20")]
     for group in (first, [lb for lb in labels if lb not in first]):
         # the random control right after the pss runs whose counts it needs
         store.run([[sp] for sp in rnd + [spec(lb, lr, s) for s in seeds for lb in group
-                                         if not lb.startswith("random")]], workers)
+                                         if not lb.startswith("random")]], workers, deadline)
         rnd = [spec(lb, lr, s, n_random=len(store.runs[key(spec("pss" + lb[6:], lr, s))]["fired"]))
                for lb in labels if lb.startswith("random") for s in seeds
                if key(spec("pss" + lb[6:], lr, s)) in store.runs]
@@ -157,7 +158,7 @@ def pilot_table(store, lrs, seed: int = 0) -> str:
 
 def run_row(v: dict) -> dict:
     n_sp, n_col, onsets = events(v["losses"])
-    return {"spikes": n_sp, "collapses": n_col, "onsets": onsets,
+    return {"spikes": n_sp, "collapses": n_col, "events": n_sp + n_col, "onsets": onsets,
             "exploded": late_explosion(v["losses"]) is not None or not math.isfinite(v["val"]),
             "val": v["val"], "exc": max_excursion(v["losses"]),
             "leads": trigger_leads(v["fired"], onsets), "fired": len(v["fired"]), "dw": v["dw"]}
@@ -165,7 +166,7 @@ def run_row(v: dict) -> dict:
 
 def paired(a: dict, b: dict, field: str) -> tuple[list[float], float]:
     """Differences a - b of ``field`` over the seeds both have (finite), and the p-value:
-    Wilcoxon signed-rank for counts ("spikes"), paired t-test otherwise; nan when n < 2 or
+    Wilcoxon signed-rank for counts ("spikes", "events"), paired t-test otherwise; nan when n < 2 or
     every difference is zero."""
     from scipy.stats import ttest_rel, wilcoxon
     seeds = sorted(set(a) & set(b))
@@ -174,7 +175,7 @@ def paired(a: dict, b: dict, field: str) -> tuple[list[float], float]:
     d = [x - y for x, y in pairs]
     if len(d) < 2 or not any(d):
         return d, math.nan
-    if field == "spikes":
+    if field in ("spikes", "events"):
         return d, float(wilcoxon(d, zero_method="zsplit").pvalue)
     return d, float(ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue)
 
@@ -201,10 +202,11 @@ def stage_report(runs: dict, lr: float) -> str:
             if lb == ref or ref not in runs:
                 continue
             d_sp, p_sp = paired(by_seed, runs[ref], "spikes")
+            d_ev, p_ev = paired(by_seed, runs[ref], "events")
             d_v, p_v = paired(by_seed, runs[ref], "val")
             tests.append([f"{lb} - {ref}", len(d_sp), fmt(statistics.mean(d_sp), 2) if d_sp else "-",
-                          fmt(p_sp), len(d_v), f"{statistics.mean(d_v):+.3f}" if d_v else "-",
-                          fmt(p_v)])
+                          pval(p_sp), fmt(statistics.mean(d_ev), 2) if d_ev else "-", pval(p_ev),
+                          len(d_v), f"{statistics.mean(d_v):+.3f}" if d_v else "-", pval(p_v)])
     return (f"LR {lr:g}, constant, no warm-up.\n\n"
             + md_table(["arm", "seeds", "spikes per run (mean)", "collapses (total)",
                         "exploded (issue's rule from step 20)", "val loss (mean)", "max excursion (median, nats)",
@@ -214,5 +216,6 @@ def stage_report(runs: dict, lr: float) -> str:
               "zero differences split; paired t-test on validation loss; '-' where n < 2 or "
               "every difference is 0):\n\n"
             + md_table(["arms", "seeds", "spikes difference (mean)", "Wilcoxon p",
+                        "spikes + collapses difference (mean)", "Wilcoxon p",
                         "seeds (finite val)", "val loss difference (mean)", "t-test p"], tests))
 

@@ -63,6 +63,10 @@ def test_paired_differences_and_p_values_follow_scipy():
     d, p = paired(a, b, "spikes")
     assert d == [-2, -3, -2, -3, -2, -3]
     assert p == pytest.approx(wilcoxon(d, zero_method="zsplit").pvalue)
+    b[0]["losses"][250:] = [9.0] * 50  # a collapse in b's seed 0: one more event there
+    d_ev, p_ev = paired(a, b, "events")
+    assert d_ev == [-3, -3, -2, -3, -2, -3]
+    assert p_ev == pytest.approx(wilcoxon(d_ev, zero_method="zsplit").pvalue)
     d, p = paired(a, b, "val")
     assert d == pytest.approx([-0.5 - 0.01 * s for s in range(6)])
     assert p == pytest.approx(ttest_rel([2.0 + 0.01 * s for s in range(6)],
