@@ -27,7 +27,7 @@ import statistics
 import numpy as np
 
 from benchmarks.common import md_table
-from benchmarks.pss_lr_sweep import PSS_ALT, fmt, key, pval
+from benchmarks.pss_lr_sweep import PSS_ALT, fisher, fmt, key, pval
 from benchmarks.pss_testbed import RunSpec, Setup, explosion_step
 from benchmarks.spike_testbed import MIN_STEP, label_events
 from monitor.schema import PSSConfig
@@ -182,13 +182,16 @@ def paired(a: dict, b: dict, field: str) -> tuple[list[float], float]:
 
 def stage_report(runs: dict, lr: float) -> str:
     rows, tests = [], []
+    n_none = [run_row(v)["exploded"] for v in runs.get("none", {}).values()]
     for lb, by_seed in runs.items():
         rr = [run_row(v) for v in by_seed.values()]
+        n_exp = sum(r["exploded"] for r in rr)
+        p_exp = fisher(n_exp, len(rr), sum(n_none), len(n_none)) if n_none and lb != "none" else math.nan
         leads = [x for r in rr for x in r["leads"]]
         hit = [x for x in leads if x is not None]
         pss = lb.startswith(("pss", "random"))
         rows.append([lb, len(rr), fmt(statistics.mean(r["spikes"] for r in rr), 2),
-                     sum(r["collapses"] for r in rr), sum(r["exploded"] for r in rr),
+                     sum(r["collapses"] for r in rr), f"{n_exp} ({pval(p_exp)})",
                      fmt(statistics.mean(r["val"] for r in rr)) if all(
                          math.isfinite(r["val"]) for r in rr) else "inf in some",
                      fmt(statistics.median(r["exc"] for r in rr), 2),
@@ -209,7 +212,7 @@ def stage_report(runs: dict, lr: float) -> str:
                           len(d_v), f"{statistics.mean(d_v):+.3f}" if d_v else "-", pval(p_v)])
     return (f"LR {lr:g}, constant, no warm-up.\n\n"
             + md_table(["arm", "seeds", "spikes per run (mean)", "collapses (total)",
-                        "exploded (issue's rule from step 20)", "val loss (mean)", "max excursion (median, nats)",
+                        "exploded (issue's rule from step 20; Fisher p vs none)", "val loss (mean)", "max excursion (median, nats)",
                         "PSS steps fired (total)", f"spikes with a trigger in [-{LEAD_BEFORE}, "
                         f"+{LEAD_AFTER}] of onset; median lead (steps)", "median ||dW||/||W||"], rows)
             + "\nPaired by seed against the reference (Wilcoxon signed-rank on spikes per run, "
