@@ -3,6 +3,8 @@
     python benchmarks/pss_lr_sweep.py               # the full protocol -> results/pss.md
     python benchmarks/pss_lr_sweep.py --quick       # smoke run (short runs, 1 seed, 2 LRs)
     python benchmarks/pss_lr_sweep.py --workers 2   # processes (1 torch thread each)
+    python benchmarks/pss_lr_sweep.py --natural --natural-lr 0.5 --seeds 0 1 2 3 4 5
+        # natural surge-driven spikes (benchmarks/pss_natural.py) -> results/pss_natural_spikes.md
 
 Protocol (issue 11), on the testbed of ``benchmarks/pss_testbed.py``:
 
