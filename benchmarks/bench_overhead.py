@@ -372,7 +372,7 @@ def main() -> None:
         sections.append("## Monitored vs bare training\n\n" + text)
         sections.append("## One logging step, per metric\n\n" + per_metric_cost(step_ms))
         sizes = [256, 512] if args.quick else [256, 1024, 2048, 4096]
-        sections.append("## Power iteration vs full SVD\n\n" + power_vs_svd(sizes))
+        sections.append("## Lanczos vs full SVD\n\n" + power_vs_svd(sizes))
         sections.append("## Event-write throughput\n\n" + write_throughput(
             20 if args.quick else 200, 1000))
         sections.append("## Alerts and the flight recorder\n\n" + alerts_overhead(
