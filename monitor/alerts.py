@@ -81,10 +81,8 @@ class AlertRule:
             raise bad("alpha", "a number in (0, 1]")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise bad("warmup_steps", "an integer >= 0")
-        try:
-            patterns.compile_pattern(self.layers)
-        except patterns.PatternError as err:
-            raise bad("layers", f"a valid regular expression ({err})") from None
+        if (why := patterns.problem(self.layers)) is not None:
+            raise bad("layers", f"a valid regular expression ({why})")
 
     @property
     def per_layer(self) -> bool:

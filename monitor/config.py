@@ -70,10 +70,8 @@ class MonitorConfig:
         if not (isinstance(self.dist_timeout_s, (int, float)) and not isinstance(self.dist_timeout_s, bool)
                 and self.dist_timeout_s > 0):
             raise bad("dist_timeout_s", "a number of seconds > 0")
-        try:
-            patterns.compile_pattern(self.layers)
-        except patterns.PatternError as err:
-            raise bad("layers", f"a valid regular expression ({err})") from None
+        if (why := patterns.problem(self.layers)) is not None:
+            raise bad("layers", f"a valid regular expression ({why})")
 
     @classmethod
     def preset(cls, name: str, every: int = 50, **overrides: Any) -> "MonitorConfig":

@@ -395,7 +395,7 @@ class Monitor:
             global_norm = record.scalars[schema.TAG_GLOBAL_GRAD_NORM]
             layer_norms = self._pre_norms if self._dist is None else self._grad_norms
         else:
-            layer_norms = step_norms if step_norms is not None else self._unlogged_pre_norms()
+            layer_norms = step_norms  # taken in _pre_step whenever PSS is on
             global_norm = norms.global_norm(layer_norms.values())
         result = self._pss.before_step(t, global_norm, layer_norms)
         if result.force_log and record is None:

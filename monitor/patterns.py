@@ -89,6 +89,16 @@ def compile_pattern(text: str) -> "regex.Pattern":
         raise PatternError(f"{type(err).__name__}: {err}") from None  # deep nesting: RecursionError
 
 
+def problem(text: object) -> str | None:
+    """Why ``text`` is refused as a pattern (:func:`compile_pattern`'s message), or None:
+    the one check behind every settings class that takes a ``layers`` pattern."""
+    try:
+        compile_pattern(text)  # type: ignore[arg-type]
+    except PatternError as err:
+        return str(err)
+    return None
+
+
 def select(text: str, names: Iterable[str], timeout_s: float = MATCH_TIMEOUT_S) -> list[str]:
     """The ``names`` in which ``text`` matches (``re.search`` semantics), in their order.
 

@@ -180,11 +180,10 @@ class PSSConfig:
                "c", self.c, f"null or a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}]")
         _check(isinstance(self.layers, str) and len(self.layers) <= MAX_LAYERS_PATTERN, "layers",
                self.layers, f"a regular expression of at most {MAX_LAYERS_PATTERN} characters")
-        try:  # syntax, and a bounded compile cost (matching is timed: monitor/patterns.py)
-            patterns.compile_pattern(self.layers)
-        except patterns.PatternError as err:
+        # syntax, and a bounded compile cost (matching is timed: monitor/patterns.py)
+        if (why := patterns.problem(self.layers)) is not None:
             raise ControlError(f"layers: {self.layers!r} is not a valid regular expression "
-                               f"({err})") from None
+                               f"({why})")
         for name in ("include_embeddings", "per_layer", "skip_update", "reset_optimizer_state"):
             value = getattr(self, name)
             _check(isinstance(value, bool), name, value, "true or false")

@@ -79,6 +79,12 @@ def data(out_dim: int = 3, batch: int = B, seed: int = 0):
     return torch.randn(batch, 5, 8, generator=gen), torch.randn(batch, 5, out_dim, generator=gen)
 
 
+def assert_matches(values: dict, ref: dict) -> None:
+    """Every reference layer's lambda_max is logged and within 1e-4 of ``torch.func``'s."""
+    for name, value in ref.items():
+        assert values[name] == pytest.approx(value, abs=1e-4), name
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_transformer_encoder_layer_every_weight_matches_torch_func(batch_first):
     torch.manual_seed(0)
@@ -93,8 +99,7 @@ def test_transformer_encoder_layer_every_weight_matches_torch_func(batch_first):
             assert "not the batch size" in errors.pop(name) and name not in values
             ref.pop(name)
     assert errors == {} and set(values) == set(ref)
-    for name, value in ref.items():
-        assert values[name] == pytest.approx(value, abs=1e-4), name
+    assert_matches(values, ref)
 
 
 def test_mha_with_separate_qkv_weights_and_padding_mask_matches_torch_func():
@@ -106,8 +111,7 @@ def test_mha_with_separate_qkv_weights_and_padding_mask_matches_torch_func():
     assert errors == {}
     assert {"mha.q_proj_weight", "mha.k_proj_weight", "mha.v_proj_weight",
             "mha.out_proj.weight", "kv"} <= set(values)
-    for name, value in ref.items():
-        assert values[name] == pytest.approx(value, abs=1e-4), name
+    assert_matches(values, ref)
 
 
 def test_functional_weight_is_learned_then_exact_and_raw_parameter_exact():
@@ -127,8 +131,7 @@ def test_functional_weight_is_learned_then_exact_and_raw_parameter_exact():
         values, errors = cap.compute()
         cap.disarm()
     assert errors == {}
-    for name, value in ref.items():
-        assert values[name] == pytest.approx(value, abs=1e-4), name
+    assert_matches(values, ref)
 
 
 def test_batch_smaller_than_probe_uses_and_reports_the_batch():
@@ -180,8 +183,7 @@ def test_raw_parameter_of_the_root_module_matches_torch_func():
     values, errors, _ = run_capture(model, x, y)
     ref = reference(model, x, y, mse, N)
     assert errors == {} and set(values) == {"pos", "fc.weight"}
-    for name, value in ref.items():
-        assert values[name] == pytest.approx(value, abs=1e-4), name
+    assert_matches(values, ref)
 
 
 def test_a_scalar_loss_output_of_an_owner_is_skipped_not_fatal():
