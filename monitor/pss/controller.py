@@ -81,11 +81,6 @@ class PSSController:
         cfg = self.config
         return InputLog(self.logdir, start_step, cfg.tau, cfg.alpha, cfg.warmup_steps)
 
-    @property
-    def wants_layer_norms(self) -> bool:
-        """Per-layer detection needs every tensor's gradient norm at every step."""
-        return self.config.enabled and self.config.per_layer
-
     # ------------------------------------------------------------------ the step
     def before_step(self, step: int, global_grad_norm: float,
                     layer_grad_norms: dict[str, float] | None = None) -> PSSStepResult:
